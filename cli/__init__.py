@@ -1,0 +1,1 @@
+"""Typer command-line interface of moegpt (installed as `moegpt.cli`)."""

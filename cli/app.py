@@ -1,0 +1,73 @@
+"""The Typer application object and its error handling: every user error is one line, exit 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+from typer import core as typer_core
+from typer.core import TyperGroup
+
+from moegpt.errors import MoegptError
+
+USAGE_ERROR_EXIT = 2
+
+# Typer >= 0.29 vendors click as typer._click; older releases use the click package.
+click = getattr(typer_core, "_click", None) or __import__("click")
+
+
+def fail(message: str) -> None:
+    """Print `moegpt: error: <message>` on stderr (first line only) and exit 2."""
+    first_line = " ".join(str(message).strip().splitlines()[:1]) or "unknown error"
+    print(f"moegpt: error: {first_line}", file=sys.stderr)
+    sys.exit(USAGE_ERROR_EXIT)
+
+
+class MoegptGroup(TyperGroup):
+    """A command group whose usage errors and MoegptErrors become one line on stderr and exit 2.
+
+    Typer's default renders a multi-line rich box; scripts and users want one greppable line.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "moegpt", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.UsageError as err:
+            if not standalone_mode:
+                raise
+            hint = f" (see 'moegpt {err.ctx.info_name} --help')" if err.ctx and err.ctx.parent else ""
+            fail(f"{err.format_message()}{hint}")
+        except MoegptError as err:
+            if not standalone_mode:
+                raise
+            fail(str(err))
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            print("moegpt: aborted", file=sys.stderr)
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+app = typer.Typer(
+    cls=MoegptGroup,
+    name="moegpt",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Train small GPT-style language models with Mixture-of-Experts layers, and see how experts are used.
+
+    Start with `moegpt train` (prepares the built-in corpus if needed), then `moegpt sample RUN` and
+    `moegpt inspect-routing RUN`.
+    """

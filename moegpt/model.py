@@ -1,0 +1,180 @@
+"""nanoGPT-style decoder whose FFN blocks come from the MoE registry.
+
+Pre-LayerNorm blocks, causal self-attention through scaled_dot_product_attention, learned
+positions, tied input/output embeddings, nanoGPT initialisation (residual projections scaled by
+1/sqrt(2 * n_layer)). Legend: B batch, T time, C width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moegpt.config import MoEConfig, ModelConfig
+from moegpt.moe import RouterStats, build_ffn
+
+IGNORE_INDEX = -1
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values [B, n_head, T_cached, head_dim] of the tokens seen so far."""
+
+    keys: list[Tensor | None] = field(default_factory=list)
+    values: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor
+    loss: Tensor | None  # cross-entropy only; aux losses are summed by `aux_losses`
+    router_stats: list[RouterStats]  # one per layer (dense layers report empty stats)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            if cache.keys[layer] is not None:
+                past = cache.keys[layer].shape[2]
+                k = torch.cat([cache.keys[layer], k], dim=2)
+                v = torch.cat([cache.values[layer], v], dim=2)
+            cache.keys[layer], cache.values[layer] = k, v
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            # new queries sit at positions past..past+T-1 and may see keys up to their own position
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ffn = build_ffn(cfg, moe_cfg, layer_idx)
+        self.ffn_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> tuple[Tensor, RouterStats]:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        y, stats = self.ffn(self.ln_2(x), mask)
+        return x + self.ffn_dropout(y), stats
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig):
+        super().__init__()
+        self.config, self.moe_config = cfg, moe_cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.apply(self._init_module)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("w_out"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        for name, p in module.named_parameters(recurse=False):
+            if name in ("w_in", "w_out"):  # expert banks and dense MLPs
+                nn.init.normal_(p, mean=0.0, std=0.02)
+        if hasattr(module, "noise"):  # noisy-topk starts with no learned noise beyond softplus(0)
+            nn.init.zeros_(module.noise.weight)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(len(self.blocks)) if self.moe_config.is_moe_layer(i)]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                all_logits: bool = False) -> GPTOutput:
+        """Logits, cross-entropy (targets of IGNORE_INDEX are skipped) and per-layer RouterStats.
+
+        Without targets only the last position's logits are computed unless `all_logits`.
+        With a cache, `idx` holds the new tokens only and positions continue from the cache.
+        """
+        B, T = idx.shape
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        if cache is not None and not cache.keys:
+            cache.keys, cache.values = [None] * len(self.blocks), [None] * len(self.blocks)
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        mask = None if targets is None else targets != IGNORE_INDEX
+        stats = []
+        for layer, block in enumerate(self.blocks):
+            x, layer_stats = block(x, mask, cache, layer)
+            stats.append(layer_stats)
+        x = self.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+            return GPTOutput(logits, loss, stats)
+        logits = self.lm_head(x if all_logits else x[:, -1:, :])
+        return GPTOutput(logits, None, stats)
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and active ones (what one token runs through), both counting embeddings once."""
+        total = sum(p.numel() for p in self.parameters())
+        ffn_total = sum(p.numel() for b in self.blocks for p in b.ffn.parameters())
+        ffn_active = sum(b.ffn.active_params(self.config.block_size) for b in self.blocks)
+        active = total - ffn_total + ffn_active
+        embeddings = self.wte.weight.numel() + self.wpe.weight.numel()
+        return {"total": total, "active": active, "embedding": embeddings,
+                "active_non_embedding": active - embeddings}
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward): 6 * active non-embedding params + attention
+        (12 * n_layer * n_embd * block_size), the nanoGPT/PaLM estimate, plus the tied output head."""
+        cfg = self.config
+        n = self.num_params()
+        head = cfg.n_embd * cfg.vocab_size
+        return 6 * (n["active_non_embedding"] + head) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def aux_losses(stats: list[RouterStats], moe_cfg: MoEConfig) -> dict[str, Tensor]:
+    """Sum each router loss over layers (never pooling tokens across layers), then scale.
+
+    Returns the unscaled sums (for logging) and `total` = a*sum(balance) + b*sum(z) + g*sum(seq_balance).
+    """
+    balance = torch.stack([s.balance for s in stats]).sum()
+    z = torch.stack([s.z for s in stats]).sum()
+    seq = torch.stack([s.seq_balance for s in stats]).sum()
+    total = moe_cfg.balance_coef * balance + moe_cfg.z_coef * z + moe_cfg.seq_balance_coef * seq
+    return {"balance": balance, "z": z, "seq_balance": seq, "total": total}

@@ -1,0 +1,72 @@
+"""aux-free: DeepSeek-V3 auxiliary-loss-free balancing.
+
+s = sigmoid(logits) (fp32); experts are selected by top-k of s + b, where b is a per-expert bias
+that is not a parameter; gates = s of the selected experts / their sum. After each optimizer step
+the trainer calls `update_bias()`: b_i += gamma * sign(mean_load - load_i), then b is centred.
+Optional group-limited routing (n_group, topk_group): only experts of the topk_group groups with the
+highest sum of their two best biased scores are eligible. Optional sequence-wise balance loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moegpt.moe.losses import aux_free_bias_step, seq_balance_loss
+from moegpt.moe.routing import TokenChoiceMoE
+from moegpt.moe.stats import RouterStats
+
+
+class AuxFreeMoE(TokenChoiceMoE):
+    def __init__(self, model_cfg, moe_cfg):
+        super().__init__(model_cfg, moe_cfg)
+        self.n_group, self.topk_group = moe_cfg.n_group, moe_cfg.topk_group
+        self.bias_update_rate = moe_cfg.bias_update_rate
+        self.register_buffer("expert_bias", torch.zeros(self.n_expert))
+        # assignments counted in training forwards since the last update_bias(); not saved
+        self.register_buffer("pending_load", torch.zeros(self.n_expert), persistent=False)
+
+    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        scores_NE = torch.sigmoid(logits_NE)
+        biased_NE = scores_NE.detach() + self.expert_bias
+        if self.n_group > 1:
+            biased_NE = self._limit_to_best_groups(biased_NE)
+        idx_NK = torch.topk(biased_NE, self.top_k, dim=-1).indices
+        weight_NK = scores_NE.gather(1, idx_NK)
+        weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        return idx_NK, weight_NK
+
+    def _limit_to_best_groups(self, biased_NE: Tensor) -> Tensor:
+        N, E = biased_NE.shape
+        grouped = biased_NE.reshape(N, self.n_group, E // self.n_group)
+        best = min(2, grouped.shape[-1])
+        group_score_NG = grouped.topk(best, dim=-1).values.sum(-1)
+        keep_group = torch.zeros_like(group_score_NG, dtype=torch.bool)
+        keep_group.scatter_(1, group_score_NG.topk(self.topk_group, dim=-1).indices, True)
+        keep_NE = keep_group[:, :, None].expand_as(grouped).reshape(N, E)
+        return biased_NE.masked_fill(~keep_NE, float("-inf"))
+
+    def router_losses(self, logits_NE, idx_NK, mask_BT, B, T):
+        # No auxiliary balance or z loss: balance comes from the bias. Only the optional
+        # sequence-wise loss on the sigmoid affinities (logged always, added when its coef > 0).
+        zero = logits_NE.new_zeros(())
+        scores_BTE = torch.sigmoid(logits_NE).reshape(B, T, -1)
+        return zero, zero, seq_balance_loss(scores_BTE, idx_NK.reshape(B, T, -1), mask_BT)
+
+    def router_probs(self, logits_NE: Tensor) -> Tensor:
+        return torch.sigmoid(logits_NE)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
+        y, stats = self.routed_forward(x, mask)
+        stats.extras["expert_bias"] = self.expert_bias.detach().clone()
+        if self.training:
+            with torch.no_grad():
+                self.pending_load += stats.expert_load(after_drops=False)
+        return y, stats
+
+    @torch.no_grad()
+    def update_bias(self, load_E: Tensor | None = None) -> None:
+        """Apply the sign rule with the given loads (default: those counted since the last call)."""
+        aux_free_bias_step(self.expert_bias, self.pending_load if load_E is None else load_E,
+                           self.bias_update_rate)
+        self.pending_load.zero_()

@@ -1,0 +1,71 @@
+"""Expert MLPs: one activation function, a dense FFN, and a bank of E experts as stacked weights.
+
+Legend: M rows, C model width, H hidden width, E experts. SwiGLU keeps gate and up projections
+fused in one [C, 2H] matrix (one matmul instead of two).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def in_width(activation: str, n_embd: int, hidden: int) -> int:
+    if activation == "linear":
+        return n_embd
+    return 2 * hidden if activation == "swiglu" else hidden
+
+
+def activate(h_MH: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        gate, up = h_MH.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(h_MH)
+    if activation == "relu":
+        return F.relu(h_MH)
+    return h_MH
+
+
+def mlp_apply(x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation: str) -> Tensor:
+    """One expert (or the dense FFN) on a block of rows; `linear` is a single C->C projection."""
+    h = activate(x_MC @ w_in_CH, activation)
+    return h if w_out_HC is None else h @ w_out_HC
+
+
+class DenseMLP(nn.Module):
+    """A plain FFN with 2-D weights (the dense baseline, and the shared experts of `shared`)."""
+
+    def __init__(self, n_embd: int, hidden: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(n_embd, in_width(activation, n_embd, hidden)))
+        self.w_out = None if activation == "linear" else nn.Parameter(torch.empty(hidden, n_embd))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mlp_apply(x, self.w_in, self.w_out, self.activation)
+
+
+class ExpertBank(nn.Module):
+    """E expert MLPs stored as stacked weights w_in [E, C, H_in] and w_out [E, H, C]."""
+
+    def __init__(self, n_expert: int, n_embd: int, hidden: int, activation: str):
+        super().__init__()
+        self.n_expert, self.n_embd, self.hidden, self.activation = n_expert, n_embd, hidden, activation
+        self.w_in = nn.Parameter(torch.empty(n_expert, n_embd, in_width(activation, n_embd, hidden)))
+        self.w_out = None if activation == "linear" else nn.Parameter(torch.empty(n_expert, hidden, n_embd))
+
+    @property
+    def params_per_expert(self) -> int:
+        return self.w_in[0].numel() + (0 if self.w_out is None else self.w_out[0].numel())
+
+    def per_expert_weights(self) -> list[tuple[Tensor, Tensor | None]]:
+        # unbind once: indexing a stacked weight per expert in a loop is ~20x slower (PERF-NOTES).
+        w_out = [None] * self.n_expert if self.w_out is None else list(self.w_out.unbind(0))
+        return list(zip(self.w_in.unbind(0), w_out))
+
+    def forward_batched(self, x_EMC: Tensor) -> Tensor:
+        """All experts on equally many rows each: [E, M, C] -> [E, M, C] by batched matmul."""
+        h = activate(torch.bmm(x_EMC, self.w_in), self.activation)
+        return h if self.w_out is None else torch.bmm(h, self.w_out)

@@ -1,0 +1,127 @@
+"""Shared routing machinery for token-choice variants: fp32 router, capacity in position order.
+
+Legend: B batch, T time, C width, N = B*T tokens, E experts, K choices per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moegpt.config import MoEConfig, ModelConfig
+from moegpt.moe.dispatch import run_experts
+from moegpt.moe.experts import ExpertBank
+from moegpt.moe.losses import router_z_loss, switch_balance_loss
+from moegpt.moe.stats import RouterStats
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_expert))
+
+
+def capacity_keep_mask(expert_idx_NK: Tensor, batch: int, time: int, n_expert: int, capacity: int) -> Tensor:
+    """Which choices fit their expert's capacity, filling experts in causal priority order.
+
+    Priority is position-major across the batch (every sequence's position 0, then position 1, ...)
+    with a token's K choices together in rank order, so whether a choice is kept depends only on
+    tokens at the same or earlier positions: dropping stays causal within every sequence.
+    """
+    N, K = expert_idx_NK.shape
+    device = expert_idx_NK.device
+    # flat index of (n = b*T + t, j) in priority order t-major, then b, then j
+    t_idx = torch.arange(time, device=device).repeat_interleave(batch)
+    b_idx = torch.arange(batch, device=device).repeat(time)
+    token_in_priority = b_idx * time + t_idx
+    prio_order = (token_in_priority[:, None] * K + torch.arange(K, device=device)).reshape(-1)
+    e_prio = expert_idx_NK.reshape(-1)[prio_order]
+    # stable sort by expert keeps priority order within each expert
+    sorted_e, perm = torch.sort(e_prio, stable=True)
+    counts = torch.bincount(sorted_e + 1, minlength=n_expert + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    pos_sorted = torch.arange(N * K, device=device) - starts[sorted_e + 1]
+    pos = torch.empty_like(pos_sorted)
+    pos[prio_order[perm]] = pos_sorted
+    return ((pos < capacity) & (expert_idx_NK.reshape(-1) >= 0)).reshape(N, K)
+
+
+class TokenChoiceMoE(nn.Module):
+    """Base of the token-choice variants: subclasses define `select(logits, x)` -> (idx_NK, weight_NK)."""
+
+    is_causal = True
+
+    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, top_k: int | None = None):
+        super().__init__()
+        C = model_cfg.n_embd
+        self.n_expert = moe_cfg.n_expert
+        self.top_k = moe_cfg.top_k if top_k is None else top_k
+        self.dispatch = moe_cfg.dispatch
+        self.normalize_topk = moe_cfg.normalize_topk
+        self.jitter = moe_cfg.router_jitter
+        self.capacity_factor = moe_cfg.resolved_capacity_factor()
+        self.router = nn.Linear(C, self.n_expert, bias=False)
+        hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)
+        self.experts = ExpertBank(self.n_expert, C, hidden, moe_cfg.activation)
+
+    def router_logits(self, x_NC: Tensor) -> Tensor:
+        """Router in fp32 whatever the autocast state: routing decisions must not flip with precision."""
+        with torch.autocast(device_type=x_NC.device.type, enabled=False):
+            x = x_NC.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            return x @ self.router.weight.float().t()
+
+    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def router_losses(self, logits_NE: Tensor, idx_NK: Tensor, mask_BT: Tensor | None,
+                      B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(balance, z, seq_balance) of this layer, unscaled; subclasses with other losses override."""
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+        return (switch_balance_loss(logits_NE, idx_NK, mask_N), router_z_loss(logits_NE, mask_N),
+                logits_NE.new_zeros(()))
+
+    def router_probs(self, logits_NE: Tensor) -> Tensor:
+        return torch.softmax(logits_NE, dim=-1)
+
+    def capacity_dropped(self, idx_NK: Tensor, B: int, T: int) -> Tensor | None:
+        if self.capacity_factor <= 0:
+            return None
+        capacity = expert_capacity(B * T, idx_NK.shape[1], self.n_expert, self.capacity_factor)
+        return ~capacity_keep_mask(idx_NK, B, T, self.n_expert, capacity)
+
+    def routed_forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, RouterStats]:
+        B, T, C = x.shape
+        x_NC = x.reshape(B * T, C)
+        logits_NE = self.router_logits(x_NC)
+        idx_NK, weight_NK = self.select(logits_NE, x_NC)
+        dropped_NK = self.capacity_dropped(idx_NK, B, T)
+        dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
+        y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
+        balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
+        stats = RouterStats(
+            balance=balance, z=z, seq_balance=seq_balance,
+            n_expert=self.n_expert,
+            expert_idx_NK=idx_NK.detach(),
+            expert_weight_NK=(weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0)).detach(),
+            dropped_NK=None if dropped_NK is None else dropped_NK.detach(),
+            router_probs_NE=self.router_probs(logits_NE.detach()),
+            router_logits_NE=logits_NE.detach(),
+        )
+        return y_NC.reshape(B, T, -1), stats
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
+        return self.routed_forward(x, mask)
+
+    def active_params(self, block_size: int) -> int:
+        return self.router.weight.numel() + self.top_k * self.experts.params_per_expert
+
+
+def softmax_topk(logits_NE: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """Top-k of the softmax; renormalised over the k kept experts when `normalize`."""
+    probs_NE = torch.softmax(logits_NE, dim=-1)
+    weight_NK, idx_NK = torch.topk(probs_NE, k, dim=-1)
+    if normalize:
+        weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
+    return idx_NK, weight_NK

@@ -1,0 +1,39 @@
+"""shared: always-on shared experts plus fine-grained routed top-k experts (DeepSeekMoE 2024).
+
+The n_shared shared experts are summed with weight 1, which equals one dense MLP of hidden width
+n_shared * expert_hidden; that is how they are stored.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moegpt.moe.experts import DenseMLP
+from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
+from moegpt.moe.stats import RouterStats
+
+
+class SharedExpertMoE(TokenChoiceMoE):
+    def __init__(self, model_cfg, moe_cfg):
+        super().__init__(model_cfg, moe_cfg)
+        hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)
+        self.n_shared = moe_cfg.n_shared
+        self.shared = DenseMLP(model_cfg.n_embd, hidden * self.n_shared, moe_cfg.activation) \
+            if self.n_shared > 0 else None
+
+    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        return softmax_topk(logits_NE, self.top_k, self.normalize_topk)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
+        routed, stats = self.routed_forward(x, mask)
+        if self.shared is None:
+            return routed, stats
+        shared = self.shared(x)
+        shared_norm = shared.detach().float().norm(dim=-1)
+        stats.extras["shared_output_share"] = (
+            shared_norm / (shared_norm + routed.detach().float().norm(dim=-1)).clamp(min=1e-9)).mean()
+        return routed + shared, stats
+
+    def active_params(self, block_size: int) -> int:
+        shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
+        return super().active_params(block_size) + shared

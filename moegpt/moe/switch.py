@@ -1,0 +1,19 @@
+"""switch: top-1 routing with a capacity factor; dropped tokens ride the residual (Fedus et al. 2021).
+
+The gate is the top-1 softmax probability (not renormalised, or it would always be 1 and the router
+would get no gradient from the task loss). Capacity = ceil(cf * N / E), filled in causal priority.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
+
+
+class SwitchMoE(TokenChoiceMoE):
+    def __init__(self, model_cfg, moe_cfg):
+        super().__init__(model_cfg, moe_cfg, top_k=1)
+
+    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        return softmax_topk(logits_NE, 1, normalize=False)

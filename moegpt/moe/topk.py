@@ -1,0 +1,53 @@
+"""topk and noisy-topk: token-choice softmax top-k (Shazeer et al. 2017; Mixtral).
+
+noisy-topk adds learned Gaussian noise to the logits in training only (Shazeer's noisy gating):
+H = logits + N(0, 1) * softplus(x W_noise); top-k of H; gates = softmax over the kept H values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moegpt.moe.losses import switch_balance_loss
+from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
+
+
+class TopKMoE(TokenChoiceMoE):
+    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        return softmax_topk(logits_NE, self.top_k, self.normalize_topk)
+
+
+class NoisyTopKMoE(TokenChoiceMoE):
+    def __init__(self, model_cfg, moe_cfg):
+        super().__init__(model_cfg, moe_cfg)
+        self.noise = nn.Linear(model_cfg.n_embd, self.n_expert, bias=False)
+        self._noisy_logits: Tensor | None = None
+
+    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training:
+            with torch.autocast(device_type=x_NC.device.type, enabled=False):
+                noise_std = F.softplus(x_NC.float() @ self.noise.weight.float().t())
+            logits_NE = logits_NE + torch.randn_like(logits_NE) * noise_std
+        self._noisy_logits = logits_NE
+        kept_NK, idx_NK = torch.topk(logits_NE, self.top_k, dim=-1)
+        return idx_NK, torch.softmax(kept_NK, dim=-1)
+
+    def router_losses(self, logits_NE, idx_NK, mask_BT, B, T):
+        # P comes from the logits that drove selection (noisy in training), so the balance loss
+        # sees the routing the experts saw; the z-loss stays on the clean logits.
+        balance, z, seq = super().router_losses(logits_NE, idx_NK, mask_BT, B, T)
+        if self._noisy_logits is not None:
+            mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+            balance = switch_balance_loss(self._noisy_logits, idx_NK, mask_N)
+        return balance, z, seq
+
+    def forward(self, x: Tensor, mask: Tensor | None = None):
+        try:
+            return self.routed_forward(x, mask)
+        finally:
+            self._noisy_logits = None
+
+    def active_params(self, block_size: int) -> int:
+        return super().active_params(block_size) + self.noise.weight.numel()
