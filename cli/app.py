@@ -17,11 +17,25 @@ USAGE_ERROR_EXIT = 2
 click = getattr(typer_core, "_click", None) or __import__("click")
 
 
-def fail(message: str) -> None:
-    """Print `moegpt: error: <message>` on stderr (first line only) and exit 2."""
+def fail(message: str, exit_code: int = USAGE_ERROR_EXIT) -> None:
+    """Print `moegpt: error: <message>` on stderr (first line only) and exit (2 by default)."""
     first_line = " ".join(str(message).strip().splitlines()[:1]) or "unknown error"
     print(f"moegpt: error: {first_line}", file=sys.stderr)
-    sys.exit(USAGE_ERROR_EXIT)
+    sys.exit(exit_code)
+
+
+# Options whose value may be left out (`--resume` alone means `--resume yes`; `--resume auto` also works).
+# Typer has no optional-value options, so the bare form is completed before parsing.
+OPTIONAL_VALUE_OPTIONS = {"--resume": "yes"}
+
+
+def complete_optional_values(args: list[str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUE_OPTIONS and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append(OPTIONAL_VALUE_OPTIONS[arg])
+    return out
 
 
 class MoegptGroup(TyperGroup):
@@ -32,6 +46,7 @@ class MoegptGroup(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        args = complete_optional_values(list(sys.argv[1:] if args is None else args))
         try:
             rv = super().main(args=args, prog_name=prog_name or "moegpt", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -43,7 +58,7 @@ class MoegptGroup(TyperGroup):
         except MoegptError as err:
             if not standalone_mode:
                 raise
-            fail(str(err))
+            fail(str(err), err.exit_code)
         except click.exceptions.Abort:
             if not standalone_mode:
                 raise

@@ -18,8 +18,8 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any conf
 Moe = Annotated[str | None, typer.Option("--moe", help=VARIANT_HELP)]
 NExpert = Annotated[int | None, typer.Option("--n-expert", help="Routed experts per MoE layer.")]
 TopK = Annotated[int | None, typer.Option("--top-k", help="Experts per token (token-choice variants).")]
-ExpertHidden = Annotated[int | None, typer.Option("--expert-hidden",
-                                                  help="Hidden width of one expert (0 = equal active params with dense).")]
+ExpertHidden = Annotated[int | None, typer.Option(
+    "--expert-hidden", help="Hidden width of one expert (0 = equal active params with dense).")]
 Activation = Annotated[str | None, typer.Option("--activation", help="Expert MLP: swiglu, gelu, relu, linear.")]
 CapacityFactor = Annotated[float | None, typer.Option("--capacity-factor",
                                                       help="Expert capacity factor; <= 0 means dropless.")]
@@ -28,7 +28,8 @@ NLayer = Annotated[int | None, typer.Option("--n-layer", help="Transformer block
 NHead = Annotated[int | None, typer.Option("--n-head", help="Attention heads.")]
 NEmbd = Annotated[int | None, typer.Option("--n-embd", help="Model width.")]
 BlockSize = Annotated[int | None, typer.Option("--block-size", help="Context length in tokens.")]
-VocabSize = Annotated[int | None, typer.Option("--vocab-size", help="Vocabulary size (taken from the data when training).")]
+VocabSize = Annotated[int | None, typer.Option(
+    "--vocab-size", help="Vocabulary size (taken from the data when training).")]
 
 
 def model_flags(moe: str | None = None, n_expert: int | None = None, top_k: int | None = None,

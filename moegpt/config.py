@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import tomli_w
+import tomllib
 
 from moegpt.errors import MoegptError
 
@@ -171,6 +171,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_iters: int = 50
+    lr_decay_iters: int = 0  # length of the cosine schedule; 0 = max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -193,12 +194,16 @@ class TrainConfig:
                      "log_interval", "ckpt_interval", "keep_ckpts"):
             if getattr(self, name) <= 0:
                 out.append(f"train.{name} must be > 0 (got {getattr(self, name)})")
+        if self.lr_decay_iters < 0:
+            out.append(f"train.lr_decay_iters must be >= 0 (got {self.lr_decay_iters})")
         if self.warmup_iters < 0:
             out.append(f"train.warmup_iters must be >= 0 (got {self.warmup_iters})")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             out.append(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             out.append(f"train.grad_clip must be a finite number >= 0 (got {self.grad_clip})")
+        if not self.device or self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+            out.append(f"train.device must be auto, cpu, cuda[:N] or mps (got {self.device!r})")
         if self.precision not in ("auto", "fp32", "bf16"):
             out.append(f"train.precision must be auto, fp32 or bf16 (got {self.precision!r})")
         return out

@@ -3,3 +3,19 @@
 
 class MoegptError(Exception):
     """A problem the user can fix (bad flag, missing file, corrupt checkpoint). One line, no traceback."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(MoegptError):
+    """The loss became non-finite; training stopped before the optimizer step (exit 3)."""
+
+    exit_code = 3
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. The CLI exits 128 + signal number."""
+
+    def __init__(self, signum: int, checkpoint: str | None):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum, self.checkpoint = signum, checkpoint

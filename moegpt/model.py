@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegpt.config import MoEConfig, ModelConfig
+from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe import RouterStats, build_ffn
 
 IGNORE_INDEX = -1

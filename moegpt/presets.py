@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from moegpt.config import RunConfig, apply_override, section_from_dict
 from moegpt.errors import MoegptError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moegpt.config import MoEConfig, ModelConfig
+from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.aux_free import AuxFreeMoE
 from moegpt.moe.basic import BasicMoE
 from moegpt.moe.dense import DenseFFN

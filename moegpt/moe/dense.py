@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moegpt.config import MoEConfig, ModelConfig
+from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.experts import DenseMLP
 from moegpt.moe.stats import RouterStats
 

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moegpt.config import MoEConfig, ModelConfig
+from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.experts import ExpertBank
 from moegpt.moe.losses import router_z_loss, switch_balance_loss

@@ -1,0 +1,89 @@
+"""Where and how a model runs: device choice, precision (autocast), and torchrun/DDP setup."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moegpt.errors import MoegptError
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """auto = cuda > mps > cpu; an explicit device that is not available is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = requested.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MoegptError(f"--device {requested}: CUDA is not available on this machine (use cpu or auto)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MoegptError(f"--device {requested}: MPS is not available on this machine (use cpu or auto)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise MoegptError(f"unknown device {requested!r}; valid: auto, cpu, cuda[:N], mps")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` picks bf16 only where it is known to be faster: CUDA GPUs with bf16 support.
+
+    On CPU, bf16 autocast speeds up a dense model but a sort-based MoE recompiles oneDNN
+    primitives for every new per-expert row count (PERF-NOTES), so auto stays fp32 there.
+    """
+    if requested == "fp32":
+        return "fp32"
+    if requested == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise MoegptError("--precision bf16: this GPU does not support bfloat16")
+        return "bf16"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_request: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_request.startswith("cuda") or (device_request == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def device_for_rank(info: DistInfo, requested: str) -> torch.device:
+    device = resolve_device(requested)
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device

@@ -1,0 +1,368 @@
+"""The training loop. No printing: progress goes to an `on_event(kind, payload)` callback.
+
+loss = cross-entropy + balance_coef * sum_layers balance + z_coef * sum_layers z
+       (+ seq_balance_coef * sum_layers seq_balance, for aux-free)
+Validation loss is cross-entropy alone. Batches are a pure function of (seed, rank, step, micro
+step), so the data position is just the step and a resumed run continues bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from moegpt import __version__
+from moegpt.checkpoint import CheckpointManager, load_checkpoint
+from moegpt.config import RunConfig
+from moegpt.data import TokenDataset, ensure_prepared
+from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
+from moegpt.model import GPT, aux_losses
+from moegpt.routing_stats import layer_summary
+from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+# train-section keys a resumed run may change; everything else must match the checkpoint
+RESUMABLE_TRAIN_KEYS = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
+                        "keep_ckpts", "device", "compile", "name", "runs_root"}
+FAULT_NAN_ENV = "MOEGPT_FAULT_NAN_AT_STEP"  # test hook: make the loss NaN at this (1-based) step
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at lr_decay_iters (default max_iters)."""
+    t = cfg.train
+    decay_iters = t.lr_decay_iters or t.max_iters
+    if step < t.warmup_iters:
+        return t.lr * (step + 1) / t.warmup_iters
+    if step >= decay_iters:
+        return t.lr * t.min_lr_ratio
+    progress = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_generator(seed: int, stream: str, rank: int, step: int, micro: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{stream}:{rank}:{step}:{micro}".encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
+def config_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's (run-length keys excepted)."""
+    out = []
+    for section in ("model", "moe", "data", "train"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in RESUMABLE_TRAIN_KEYS:
+                continue
+            if old.get(key) != new.get(key):
+                out.append(f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})")
+    return out
+
+
+def resolve_run_dir(cfg: RunConfig, resume: str) -> Path:
+    """runs/<name>. Without --name the variant names the run and a fresh run never reuses a folder."""
+    root = Path(cfg.train.runs_root)
+    if cfg.train.name:
+        run_dir = root / cfg.train.name
+        if resume == "no" and _has_checkpoints(run_dir):
+            raise MoegptError(f"{run_dir} already has checkpoints: pass --resume to continue it, "
+                              "or --name NEW for a new run")
+        return run_dir
+    base = root / cfg.moe.variant
+    if resume != "no":
+        return base
+    run_dir, n = base, 2
+    while run_dir.exists() and any(run_dir.iterdir()):
+        run_dir, n = root / f"{cfg.moe.variant}-{n}", n + 1
+    return run_dir
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str = "no", on_event: EventCallback | None = None,
+                 restore_rng: bool = True):
+        if resume not in ("no", "yes", "auto"):
+            raise MoegptError(f"resume must be no, yes or auto (got {resume!r})")
+        self.cfg, self.resume, self.restore_rng = cfg, resume, restore_rng
+        self.on_event = on_event or (lambda kind, payload: None)
+        self.dist = init_distributed(cfg.train.device)
+        self.device = device_for_rank(self.dist, cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self._signal: int | None = None
+
+    def emit(self, kind: str, **payload: Any) -> None:
+        if self.dist.is_main:
+            self.on_event(kind, payload)
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _load_data(self) -> TokenDataset:
+        data_dir = Path(self.cfg.data.data_root) / self.cfg.data.name
+        if not (data_dir / "meta.json").exists() and self.cfg.data.name == "stdlib":
+            if self.dist.is_main:
+                self.emit("prepare", data_dir=str(data_dir))
+                ensure_prepared(self.cfg.data.data_root, "stdlib")
+            if self.dist.enabled:
+                dist.barrier()
+        ds = TokenDataset(data_dir)
+        need = self.cfg.model.block_size + 1
+        for split in ("train", "val"):
+            if ds.num_tokens(split) < need:
+                raise MoegptError(f"block_size {self.cfg.model.block_size} is larger than the data can serve: "
+                                  f"{split} split of {data_dir} has {ds.num_tokens(split)} tokens")
+        self.cfg.model.vocab_size = ds.vocab_size  # the data decides the vocabulary
+        return ds
+
+    def _optimizer(self, model: GPT) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matrices (and expert banks) decay; gains, biases don't
+        no_decay = [p for p in params if p.dim() < 2]
+        t = self.cfg.train
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+
+    # ---- main loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        with self._signal_handlers():
+            try:
+                return self._run()
+            finally:
+                if self.dist.enabled and dist.is_initialized():
+                    dist.destroy_process_group()
+
+    def _run(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        ds = self._load_data()
+        data_dir = Path(cfg.data.data_root) / cfg.data.name
+        run_dir = resolve_run_dir(cfg, self.resume)
+        cfg.train.name = run_dir.name
+        manager = CheckpointManager(run_dir, keep=t.keep_ckpts)
+        torch.manual_seed(t.seed)
+        model = GPT(cfg.model, cfg.moe).to(self.device)
+        optimizer = self._optimizer(model)
+        step, tokens_seen, best_val, resumed_from = 0, 0, math.inf, None
+
+        # newest step file, damaged or not: a corrupt newest checkpoint must be reported, not skipped
+        latest = manager.all()[-1] if manager.all() else None
+        if self.resume == "yes" and latest is None:
+            raise MoegptError(f"--resume: {run_dir} has no checkpoint to resume from")
+        if self.resume != "no" and latest is not None:
+            state = load_checkpoint(latest, map_location=self.device)
+            diffs = config_differences(state["config"], cfg.to_dict())
+            if diffs:
+                raise MoegptError(f"cannot resume {latest}: config differs from the checkpoint's: {'; '.join(diffs)}")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
+            best_val = float(state["best_val"])
+            if self.restore_rng:
+                torch.set_rng_state(state["rng"]["torch"])
+                if "cuda" in state["rng"] and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
+            resumed_from = str(latest)
+        elif self.resume == "auto":
+            self.emit("note", message=f"no checkpoint in {run_dir}: starting a fresh run")
+
+        metrics_path = run_dir / "metrics.jsonl"
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.toml")
+            _truncate_metrics(metrics_path, keep_through_step=step)
+        raw_model = model
+        if t.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None)
+        counts = raw_model.num_params()
+        self.emit("start", run_dir=str(run_dir), config=cfg.to_dict(), params=counts, device=str(self.device),
+                  precision=self.precision, resumed_from=resumed_from, start_step=step,
+                  world_size=self.dist.world_size, moe_layers=raw_model.moe_layers)
+
+        def checkpoint_state() -> dict[str, Any]:
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+            return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": {"step": step, "lr": lr_at(step, cfg)}, "step": step,
+                    "data_state": {"step": step, "seed": t.seed, "tokens_seen": tokens_seen,
+                                   "world_size": self.dist.world_size},
+                    "rng": rng, "config": cfg.to_dict(), "best_val": best_val,
+                    "data_ref": {"data_dir": str(data_dir.resolve()), "name": cfg.data.name,
+                                 "fingerprint": str(ds.meta.get("fingerprint", ""))},
+                    "moegpt_version": __version__}
+
+        def save(is_best: bool = False) -> Path | None:
+            if not self.dist.is_main:
+                return None
+            path = manager.save(step, checkpoint_state(), is_best=is_best)
+            self.emit("checkpoint", path=str(path), step=step, best=is_best)
+            return path
+
+        tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * self.dist.world_size
+        fault_step = int(os.environ.get(FAULT_NAN_ENV, "0"))
+        aux_free_layers = [m for m in raw_model.modules() if hasattr(m, "update_bias")]
+        wall_start = window_start = time.perf_counter()
+        window_tokens, last_val, start_step = 0, None, step
+        model.train()
+        while step < t.max_iters:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(t.grad_accum):
+                x, y = ds.get_batch("train", t.batch_size, cfg.model.block_size,
+                                    batch_generator(t.seed, "train", self.dist.rank, step, micro), self.device)
+                sync = contextlib.nullcontext() if not self.dist.enabled or micro == t.grad_accum - 1 \
+                    else model.no_sync()
+                with sync:
+                    with autocast(self.device, self.precision):
+                        out = model(x, y)
+                        aux = aux_losses(out.router_stats, cfg.moe)
+                        loss = out.loss + aux["total"]
+                    if fault_step == step + 1:
+                        loss = loss * float("nan")
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"non-finite loss ({float(loss)}) at step {step + 1}; stopped before the optimizer "
+                            f"step, last good checkpoint: {manager.latest() or 'none'}")
+                    (loss / t.grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; stopped before the optimizer "
+                                       f"step, last good checkpoint: {manager.latest() or 'none'}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for layer in aux_free_layers:
+                if self.dist.enabled:
+                    dist.all_reduce(layer.pending_load)
+                layer.update_bias()
+            step += 1
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+
+            if step % t.log_interval == 0 or step == t.max_iters:
+                now = time.perf_counter()
+                record = _log_record(step, tokens_seen, lr, out, aux, grad_norm,
+                                     window_tokens / max(now - window_start, 1e-9), raw_model.moe_layers)
+                window_start, window_tokens = now, 0
+                self._write_metrics(metrics_path, record)
+                self.emit("log", **record)
+            improved = False
+            if step % t.eval_interval == 0 or step == t.max_iters:
+                last_val = self.evaluate(raw_model, ds)
+                improved = last_val < best_val
+                best_val = min(best_val, last_val)
+                record = {"step": step, "tokens": tokens_seen, "val_ce": round(last_val, 5),
+                          "best_val_ce": round(best_val, 5)}
+                self._write_metrics(metrics_path, record)
+                self.emit("eval", **record)
+            if step % t.ckpt_interval == 0 or step == t.max_iters or improved:
+                save(is_best=improved)
+            if self._signal is not None:
+                path = save()
+                raise TrainingInterrupted(self._signal, str(path) if path else None)
+
+        in_sync = self._ranks_in_sync(raw_model)
+        elapsed = time.perf_counter() - wall_start
+        trained_tokens = (step - start_step) * tokens_per_step
+        summary = {"run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen,
+                   "final_val_ce": last_val, "best_val_ce": best_val if best_val < math.inf else None,
+                   "wall_s": elapsed, "tokens_per_s": trained_tokens / elapsed if elapsed > 0 else 0.0,
+                   "params": counts, "checkpoint": str(manager.latest()) if manager.latest() else None,
+                   "ranks_in_sync": in_sync, "world_size": self.dist.world_size, "precision": self.precision,
+                   "device": str(self.device)}
+        self.emit("end", **summary)
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self, model: GPT, ds: TokenDataset) -> float:
+        """Mean cross-entropy on a fixed set of validation batches (the same every evaluation)."""
+        t, was_training = self.cfg.train, model.training
+        model.eval()
+        total = 0.0
+        for i in range(t.eval_iters):
+            x, y = ds.get_batch("val", t.batch_size, self.cfg.model.block_size,
+                                batch_generator(t.seed, "val", 0, 0, i), self.device)
+            with autocast(self.device, self.precision):
+                total += float(model(x, y).loss)
+        model.train(was_training)
+        return total / t.eval_iters
+
+    def _write_metrics(self, path: Path, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _ranks_in_sync(self, model: GPT) -> bool:
+        if not self.dist.enabled:
+            return True
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, checksum)
+        return all(bool(torch.equal(g, gathered[0])) for g in gathered)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _log_record(step: int, tokens: int, lr: float, out, aux: dict, grad_norm: torch.Tensor,
+                tokens_per_s: float, moe_layers: list[int]) -> dict[str, Any]:
+    stats = out.router_stats
+    aux = {k: float(v.detach()) for k, v in aux.items()}
+    ce, aux_total = float(out.loss.detach()), aux["total"]
+    record: dict[str, Any] = {
+        "step": step, "tokens": tokens, "lr": lr,
+        "loss": round(ce + aux_total, 5), "loss_ce": round(ce, 5),
+        "balance": round(aux["balance"], 5), "z": round(aux["z"], 5),
+        "seq_balance": round(aux["seq_balance"], 5), "grad_norm": round(float(grad_norm), 5),
+        "tokens_per_s": round(tokens_per_s, 1),
+    }
+    per_layer = []
+    for layer in moe_layers:
+        summary = layer_summary(stats[layer])
+        if summary is not None:
+            per_layer.append({"layer": layer, "balance": round(float(stats[layer].balance), 5),
+                              "z": round(float(stats[layer].z), 5), **summary})
+    record["layers"] = per_layer
+    return record
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    return (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").glob("*.pt"))
+
+
+def _truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """Drop records after the resume step (a run killed after its last checkpoint logged more)."""
+    if not path.exists():
+        return
+    if keep_through_step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
