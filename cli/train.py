@@ -74,13 +74,13 @@ class TrainRenderer:
         else:
             loads = " ".join(f"{layer['max_mean_load']:.2f}" for layer in p["layers"])
             self.console.print(f"step {p['step']:>6}/{self.max_iters} | {info}"
-                               + (f" | max/mean load {loads}" if loads else ""), highlight=False)
+                               + (f" | max/mean load {loads}" if loads else ""), highlight=False, soft_wrap=True)
 
     def on_eval(self, p: dict[str, Any]) -> None:
         self.last_val = p["val_ce"]
         if self.progress is None:
             self.console.print(f"step {p['step']:>6}/{self.max_iters} | val_ce {p['val_ce']:.4f} "
-                               f"(best {p['best_val_ce']:.4f})", highlight=False)
+                               f"(best {p['best_val_ce']:.4f})", highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self.progress is not None:

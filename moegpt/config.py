@@ -18,7 +18,7 @@ import tomllib
 from moegpt.errors import MoegptError
 
 ACTIVATIONS = ("swiglu", "gelu", "relu", "linear")
-DISPATCH_BACKENDS = ("sorted", "loop", "padded", "grouped")
+DISPATCH_BACKENDS = ("sorted", "loop", "padded", "grouped", "bucketed")
 
 
 @dataclass

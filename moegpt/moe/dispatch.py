@@ -4,8 +4,10 @@ All backends take the same arguments and give the same result (tests check fp32 
 and gradients). Legend: N tokens, K choices per token, C width, E experts, M = kept assignments.
 
 - loop:    reference, HF-style: for each expert, find its tokens, run, index_add.
-- sorted:  default: one argsort of the N*K assignments, one gather, contiguous per-expert matmuls on
-           the stacked weights, one index_add back.
+- sorted:  default: one argsort of the N*K assignments, then every expert's contiguous row block through
+           one hand-written autograd node (moe/sorted_experts.py), one index_add back.
+- bucketed: sorted, with each expert's block padded with zero rows to a multiple of 64, so matmul
+           shapes repeat across steps (what bf16 on CPU needs: oneDNN compiles a primitive per shape).
 - padded:  sorted, then a capacity-bounded [E, max_count, C] buffer and batched matmuls (static
            shape per step; pays for padding under imbalance).
 - grouped: sorted, then torch._grouped_mm over the per-expert row groups (a real grouped GEMM on
@@ -19,6 +21,9 @@ from torch import Tensor
 
 from moegpt.errors import MoegptError
 from moegpt.moe.experts import ExpertBank, activate, mlp_apply
+from moegpt.moe.sorted_experts import sorted_experts
+
+BUCKET_ROWS = 64
 
 
 def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank,
@@ -28,7 +33,7 @@ def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: Ex
         return _loop(x_NC, expert_idx_NK, weight_NK, bank)
     if backend not in _SORTED_BACKENDS:
         raise MoegptError(f"unknown dispatch backend {backend!r}; valid: loop, {', '.join(_SORTED_BACKENDS)}")
-    return _sorted_dispatch(x_NC, expert_idx_NK, weight_NK, bank, _SORTED_BACKENDS[backend])
+    return _sorted_dispatch(x_NC, expert_idx_NK, weight_NK, bank, backend)
 
 
 def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
@@ -41,14 +46,6 @@ def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> 
         y_NC = out.new_zeros(x_NC.shape[0], out.shape[-1]) if y_NC is None else y_NC
         y_NC = y_NC.index_add(0, tok, out)
     return y_NC
-
-
-def _per_expert_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank) -> Tensor:
-    outs = [mlp_apply(chunk, w_in, w_out, bank.activation)
-            for chunk, (w_in, w_out) in zip(xs_MC.split(counts), bank.per_expert_weights()) if chunk.shape[0]]
-    if not outs:
-        return xs_MC.new_zeros(0, bank.n_embd)
-    return torch.cat(outs)
 
 
 def _padded_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank, sorted_e_M: Tensor) -> Tensor:
@@ -78,10 +75,11 @@ def _grouped_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank) -> Tens
     return h if bank.w_out is None else grouped_mm(h.contiguous(), bank.w_out.to(dtype), offs=offs)
 
 
-_SORTED_BACKENDS = {"sorted": "per-expert", "padded": "padded", "grouped": "grouped"}
+_SORTED_BACKENDS = {"sorted": "fused", "bucketed": "fused", "padded": "padded", "grouped": "grouped"}
 
 
-def _sorted_dispatch(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank, mode: str) -> Tensor:
+def _sorted_dispatch(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank, backend: str) -> Tensor:
+    mode = _SORTED_BACKENDS[backend]
     N, K = idx_NK.shape
     flat_e = idx_NK.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
@@ -90,10 +88,11 @@ def _sorted_dispatch(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: Expe
     order = order[counts_all[0]:]
     counts = counts_all[1:]
     tok_M = torch.div(order, K, rounding_mode="floor")
+    if mode == "fused":
+        return sorted_experts(x_NC, tok_M, weight_NK.reshape(-1)[order], counts, bank.w_in,
+                              bank.w_out, bank.activation, bucket=BUCKET_ROWS if backend == "bucketed" else 1)
     xs_MC = x_NC.index_select(0, tok_M)
-    if mode == "per-expert":
-        ys_MC = _per_expert_matmuls(xs_MC, counts, bank)
-    elif mode == "padded":
+    if mode == "padded":
         ys_MC = _padded_matmuls(xs_MC, counts, bank, flat_e[order])
     else:
         ys_MC = _grouped_matmuls(xs_MC, counts, bank)

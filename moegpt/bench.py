@@ -1,0 +1,238 @@
+"""Benchmarks behind `moegpt bench`: MoE layer vs dense FFN per dispatch backend, whole-model training
+throughput, and equal-steps quality. Every ratio compares cases measured in the same process, with
+repeats interleaved across cases (so a noisy neighbour slows all of them alike) and medians reported.
+
+Legend: N tokens, C (= d) width, E experts, K experts per token, H dense FFN hidden width.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moegpt.config import ModelConfig, MoEConfig
+from moegpt.model import GPT, aux_losses
+from moegpt.moe import build_ffn
+from moegpt.runtime import autocast
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median seconds per case; each repeat runs every case once, so drift hits all cases alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                       repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, repeats, 2, device)["mm"]
+    return 2 * size**3 / seconds / 1e9
+
+
+@dataclass
+class LayerCase:
+    n_tokens: int
+    d_model: int
+    n_expert: int
+    top_k: int
+
+
+def _ffn_flops(n_tokens: int, d: int, hidden: int, activation: str = "swiglu") -> float:
+    """fwd+bwd FLOPs of the expert matmuls for N tokens through MLP(s) of total active hidden width."""
+    mats = 3 if activation == "swiglu" else 2
+    return 6.0 * n_tokens * mats * d * hidden
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of tensors autograd saves for backward during fn() (distinct storages), plus the output."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+            try:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:
+                pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()) + out.numel() * out.element_size()
+
+
+def _layer_timings(case: LayerCase, backends: list[str], device: torch.device, precision: str, repeats: int,
+                   warmup: int, activation: str) -> tuple[dict[str, float], dict[str, int]]:
+    """Median fwd+bwd seconds and saved-activation bytes of the dense FFN and each backend for one case."""
+    model_cfg = ModelConfig(n_embd=case.d_model, n_head=1, n_layer=1)
+    layers = {"dense": build_ffn(model_cfg, MoEConfig(variant="dense", activation=activation), 0)}
+    for backend in backends:
+        moe_cfg = MoEConfig(variant="topk", n_expert=case.n_expert, top_k=case.top_k, dispatch=backend,
+                            activation=activation)
+        torch.manual_seed(0)  # the same router and experts for every backend
+        layers[backend] = build_ffn(model_cfg, moe_cfg, 0)
+    for layer in layers.values():
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(p.numel()))
+        layer.to(device)
+    x = torch.randn(1, case.n_tokens, case.d_model, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step(layer: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(device, precision):
+                y, _ = layer(x)
+            y.backward(grad)
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+        return run
+
+    def forward_only(layer: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with autocast(device, precision):
+                return layer(x)[0]
+        return run
+
+    medians = interleaved_medians({name: step(layer) for name, layer in layers.items()}, repeats, warmup, device)
+    memory = {name: saved_activation_bytes(forward_only(layer)) for name, layer in layers.items()}
+    return medians, memory
+
+
+def bench_layer(cases: list[LayerCase], backends: list[str], device: torch.device, precision: str = "fp32",
+                repeats: int = 7, warmup: int = 2, activation: str = "swiglu",
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """fwd+bwd of one MoE layer (topk routing) per backend vs a dense FFN of equal active FLOPs."""
+    peak = matmul_peak_gflops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    rows = []
+    for case in cases:
+        if progress:
+            progress(f"N={case.n_tokens} d={case.d_model} E={case.n_expert} k={case.top_k}")
+        medians, memory = _layer_timings(case, backends, device, precision, repeats, warmup, activation)
+        flops = _ffn_flops(case.n_tokens, case.d_model, 4 * case.d_model, activation)
+        for name, seconds in medians.items():
+            rows.append({"n_tokens": case.n_tokens, "d_model": case.d_model, "n_expert": case.n_expert,
+                         "top_k": case.top_k, "impl": name, "ms": round(seconds * 1e3, 3),
+                         "ratio_to_dense": round(seconds / medians["dense"], 3),
+                         "gflops": round(flops / seconds / 1e9, 1),
+                         "frac_of_peak": round(flops / seconds / 1e9 / peak, 3),
+                         "activation_mb": round(memory[name] / 2**20, 2),
+                         "memory_ratio_to_dense": round(memory[name] / memory["dense"], 3)})
+    return {"machine": machine_info(device), "precision": precision, "matmul_peak_gflops": round(peak, 1),
+            "rows": rows}
+
+
+def equal_active_moe(variant: str, base: MoEConfig) -> MoEConfig:
+    """The base MoE config with another variant; expert sizes default to equal active parameters."""
+    values = {**base.__dict__, "variant": variant}
+    return MoEConfig(**values)
+
+
+def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
+                batch_size: int = 16, steps: int = 10, warmup: int = 3, precision: str = "fp32",
+                tokens: torch.Tensor | None = None) -> dict[str, Any]:
+    """Training tokens/s (fwd+bwd+AdamW) per model, interleaved step by step on the same batches."""
+    gen = torch.Generator().manual_seed(0)
+    T = model_cfg.block_size
+    if tokens is None:
+        tokens = torch.randint(0, model_cfg.vocab_size, (batch_size * (T + 1) * 4,), generator=gen)
+    starts = torch.randint(0, len(tokens) - T - 1, (batch_size,), generator=gen)
+    x = torch.stack([tokens[s:s + T] for s in starts]).long().to(device)
+    y = torch.stack([tokens[s + 1:s + T + 1] for s in starts]).long().to(device)
+    runs = {}
+    params = {}
+    for name, moe_cfg in moe_cfgs.items():
+        torch.manual_seed(0)
+        model = GPT(model_cfg, moe_cfg).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        params[name] = model.num_params()
+
+        def run(model: GPT = model, optimizer: torch.optim.Optimizer = optimizer, moe_cfg: MoEConfig = moe_cfg):
+            with autocast(device, precision):
+                out = model(x, y)
+                loss = out.loss + aux_losses(out.router_stats, moe_cfg)["total"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        runs[name] = run
+    medians = interleaved_medians(runs, steps, warmup, device)
+    base = next(iter(medians))
+    rows = [{"model": name, "ms_per_step": round(s * 1e3, 2), "tokens_per_s": round(batch_size * T / s, 1),
+             "ratio_to_first": round(medians[base] / s, 3), "total_params": params[name]["total"],
+             "active_params": params[name]["active"]} for name, s in medians.items()]
+    return {"machine": machine_info(device), "precision": precision, "batch_size": batch_size,
+            "block_size": T, "rows": rows}
+
+
+def bench_quality(base_cfg, variants: list[str], steps: int, on_event=None) -> dict[str, Any]:
+    """Train each variant for the same steps on the same data with equal active params; val CE etc."""
+    from moegpt.train import Trainer
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moegpt-quality-") as runs_root:
+        for variant in variants:
+            cfg = type(base_cfg).from_dict(base_cfg.to_dict())
+            cfg.moe.variant = variant
+            cfg.train.max_iters = steps
+            cfg.train.eval_interval = steps
+            cfg.train.ckpt_interval = steps
+            cfg.train.runs_root = runs_root
+            cfg.train.name = variant
+            cfg.validate()
+            last_log: dict[str, Any] = {}
+
+            def capture(kind: str, payload: dict[str, Any], last_log=last_log, variant=variant) -> None:
+                if kind == "log":
+                    last_log.update(payload)
+                if on_event:
+                    on_event(kind, {**payload, "variant": variant})
+            summary = Trainer(cfg, on_event=capture).run()
+            layers = last_log.get("layers", [])
+            rows.append({"variant": variant, "val_ce": round(summary["final_val_ce"], 4),
+                         "tokens_per_s": round(summary["tokens_per_s"], 1), "wall_s": round(summary["wall_s"], 1),
+                         "active_params": summary["params"]["active"], "total_params": summary["params"]["total"],
+                         "max_mean_load": max((lay["max_mean_load"] for lay in layers), default=None)})
+    return {"machine": machine_info(), "steps": steps, "rows": rows}
