@@ -123,6 +123,8 @@ class MoEConfig:
             out.append(f"moe.n_expert must be >= 1 (got {self.n_expert})")
         elif self.variant not in ("dense", "basic", "soft", "switch") and not 1 <= self.top_k <= self.n_expert:
             out.append(f"moe.top_k must be in [1, n_expert={self.n_expert}] (got {self.top_k})")
+        elif self.variant == "soft" and self.top_k < 1:  # soft sizes its experts like top-k ones
+            out.append(f"moe.top_k must be >= 1 (got {self.top_k})")
         if self.activation not in ACTIVATIONS:
             out.append(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
         if self.dispatch not in DISPATCH_BACKENDS:

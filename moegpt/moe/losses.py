@@ -54,7 +54,8 @@ def seq_balance_loss(scores_BTE: Tensor, expert_idx_BTK: Tensor, mask_BT: Tensor
     mask = torch.ones(B, T, dtype=torch.bool, device=scores.device) if mask_BT is None else mask_BT
     m = mask.float()
     n_real_B = m.sum(dim=1)
-    chosen_BTE = torch.zeros(B, T, E, device=scores.device).scatter_(
+    # scatter_add, not scatter_: an empty choice (-1, clamped to 0) must not overwrite a real choice of 0
+    chosen_BTE = torch.zeros(B, T, E, device=scores.device).scatter_add_(
         2, expert_idx_BTK.clamp(min=0), (expert_idx_BTK >= 0).float())
     f_BE = (chosen_BTE * m[..., None]).sum(dim=1) * (E / (K * n_real_B.clamp(min=1)))[:, None]
     probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-9)

@@ -1,0 +1,203 @@
+"""`moegpt bench layer|model|sample|quality`: measured on this machine, ratios from one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from moegpt.cli.app import app
+from rich.console import Console
+from rich.table import Table
+
+from moegpt.bench import LayerCase, bench_layer, bench_model, bench_quality, machine_info
+from moegpt.config import DISPATCH_BACKENDS
+from moegpt.errors import MoegptError
+from moegpt.moe import VARIANTS
+from moegpt.presets import resolve_config
+from moegpt.runtime import resolve_device
+
+bench_app = typer.Typer(help="Benchmarks measured on this machine: MoE layer vs dense, model training throughput, "
+                             "KV-cache generation, equal-steps quality.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+Format = Annotated[str, typer.Option("--format", help="table (default) or json.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda[:N], mps.")]
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MoegptError(f"{what} must be comma-separated integers (got {text!r})") from None
+    if not values or any(v <= 0 for v in values):
+        raise MoegptError(f"{what} must be positive integers (got {text!r})")
+    return values
+
+
+def name_list(text: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise MoegptError(f"unknown {what}: {', '.join(bad) or '(none)'}; valid: {', '.join(valid)}")
+    return names
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in ("table", "json"):
+        raise MoegptError(f"--format must be table or json (got {fmt!r})")
+
+
+def render(result: dict[str, Any], fmt: str, title: str, columns: list[str]) -> None:
+    if fmt == "json":
+        print(json.dumps(result, indent=2))
+        return
+    m = result["machine"]
+    header = f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
+    extra = {k: v for k, v in result.items() if k not in ("machine", "rows")}
+    table = Table(title=title, caption=header + (" | " + " ".join(f"{k}={v}" for k, v in extra.items())
+                                                  if extra else ""))
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("impl", "model", "variant", "mode") else "right")
+    for row in result["rows"]:
+        table.add_row(*("-" if row.get(c) is None else f"{row[c]:,}" if isinstance(row.get(c), int) else str(row[c])
+                        for c in columns))
+    # pipes and files get a wide table instead of rich's 80-column default
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@bench_app.command("layer")
+def bench_layer_command(
+    tokens: Annotated[str, typer.Option("--tokens", help="Token counts N (comma-separated).")] = "8192",
+    d_model: Annotated[str, typer.Option("--d-model", help="Model widths d (comma-separated).")] = "256",
+    grid: Annotated[str, typer.Option("--grid", help="Expert/top-k pairs ExK, e.g. 8x2,64x8.")] = "8x2,64x8",
+    backends: Annotated[str, typer.Option("--backends", help="Dispatch backends to time.")] = "sorted,padded,loop",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats (median).")] = 7,
+    fmt: Format = "table", device: Device = "auto",
+) -> None:
+    """One MoE layer (topk, SwiGLU) fwd+bwd per dispatch backend vs a dense FFN of equal active FLOPs.
+
+    Prints ms, ratio to dense, GF/s, fraction of the matmul peak measured in the same run, and the
+    activation memory autograd keeps for backward relative to dense.
+    """
+    check_format(fmt)
+    pairs = []
+    for item in grid.split(","):
+        try:
+            e, k = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise MoegptError(f"--grid items look like 8x2 (experts x top-k); got {item!r}") from None
+        if not 1 <= k <= e:
+            raise MoegptError(f"--grid {item}: top-k must be in [1, experts]")
+        pairs.append((e, k))
+    if precision not in ("fp32", "bf16"):
+        raise MoegptError(f"--precision must be fp32 or bf16 (got {precision!r})")
+    cases = [LayerCase(n, d, e, k) for n in int_list(tokens, "--tokens") for d in int_list(d_model, "--d-model")
+             for e, k in pairs]
+    chosen = name_list(backends, [b for b in DISPATCH_BACKENDS], "backend")
+    result = bench_layer(cases, chosen, resolve_device(device), precision=precision, repeats=repeats)
+    render(result, fmt, "moegpt bench layer (fwd+bwd, median)",
+           ["n_tokens", "d_model", "n_expert", "top_k", "impl", "ms", "ratio_to_dense", "gflops", "frac_of_peak",
+            "memory_ratio_to_dense"])
+
+
+def _training_tokens(preset_data: Path, limit: int = 2_000_000) -> torch.Tensor | None:
+    """Real tokens of the built-in corpus when it is prepared (same data for every model), else None."""
+    from moegpt.data import TokenDataset
+
+    if not (preset_data / "meta.json").exists():
+        return None
+    ds = TokenDataset(preset_data)
+    x, _ = ds.get_batch("train", 1, min(limit, ds.num_tokens("train") - 1), torch.Generator().manual_seed(0))
+    return x[0]
+
+
+@bench_app.command("model")
+def bench_model_command(
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, tiny, gpu-small).")] = "cpu",
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants; the first is the "
+                                                             "baseline.")] = "dense,topk",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
+    dispatch: Annotated[str, typer.Option("--dispatch", help="Dispatch backends for MoE rows.")] = "sorted",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
+    fmt: Format = "table", device: Device = "auto",
+) -> None:
+    """Training tokens/s (fwd+bwd+AdamW) of the preset's model, MoE vs dense at equal active params."""
+    check_format(fmt)
+    names = name_list(variants, list(VARIANTS), "variant")
+    precisions = ["fp32", "bf16"] if precision == "both" else [precision]
+    if any(p not in ("fp32", "bf16") for p in precisions):
+        raise MoegptError(f"--precision must be fp32, bf16 or both (got {precision!r})")
+    backends = name_list(dispatch, list(DISPATCH_BACKENDS), "backend")
+    cfg = resolve_config(preset)
+    dev = resolve_device(device)
+    tokens = _training_tokens(Path(cfg.data.data_root) / cfg.data.name)
+    rows, result = [], {}
+    for prec in precisions:
+        moe_cfgs = {}
+        for name in names:
+            for backend in ([backends[0]] if name == "dense" else backends):
+                label = name if name == "dense" or len(backends) == 1 else f"{name}/{backend}"
+                moe_cfgs[f"{label} {prec}"] = type(cfg.moe)(**{**cfg.moe.__dict__, "variant": name,
+                                                              "dispatch": backend})
+        result = bench_model(cfg.model, moe_cfgs, dev, batch_size=cfg.train.batch_size, steps=steps,
+                             precision=prec, tokens=tokens)
+        rows += result["rows"]
+    baseline = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
+    render({**result, "precision": precision, "data": "stdlib" if tokens is not None else "random", "rows": rows},
+           fmt, "moegpt bench model (training step, median)",
+           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"])
+
+
+@bench_app.command("sample")
+def bench_sample_command(
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, tiny, gpu-small).")] = "cpu",
+    moe: Annotated[str, typer.Option("--moe", help="Variant of the model.")] = "topk",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate.")] = 256,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats (median).")] = 3,
+    fmt: Format = "table", device: Device = "auto",
+) -> None:
+    """Generation tokens/s with the KV cache vs full recomputation (untrained weights: speed only)."""
+    from moegpt.generate import benchmark_generation
+    from moegpt.model import GPT
+
+    check_format(fmt)
+    cfg = resolve_config(preset, sets=[f"moe.variant={moe}"])
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.moe).to(dev).eval()
+    prompt = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    stats = benchmark_generation(model, prompt, new_tokens, repeats)
+    rows = [{"mode": "kv-cache", "tokens_per_s": round(stats["cached_tokens_per_s"], 1)},
+            {"mode": "recompute", "tokens_per_s": round(stats["recompute_tokens_per_s"], 1)}]
+    render({"machine": machine_info(dev), "new_tokens": new_tokens, "speedup": round(stats["speedup"], 2),
+            "rows": rows}, fmt, "moegpt bench sample", ["mode", "tokens_per_s"])
+
+
+@bench_app.command("quality")
+def bench_quality_command(
+    preset: Annotated[str, typer.Option("--preset", help="Model and training preset.")] = "cpu",
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
+    fmt: Format = "table",
+) -> None:
+    """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
+    check_format(fmt)
+    names = name_list(variants, list(VARIANTS), "variant")
+    cfg = resolve_config(preset, sets=sets)
+    console = Console(stderr=True)
+
+    def progress(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "eval":
+            console.print(f"{payload['variant']}: step {payload['step']} val_ce {payload['val_ce']:.4f}",
+                          highlight=False)
+    result = bench_quality(cfg, names, steps, on_event=progress)
+    render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
+           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"])

@@ -1,0 +1,67 @@
+"""`moegpt bench`: every subcommand runs end to end on a tiny grid and emits well-formed JSON.
+
+No timing assertions: the numbers are machine-dependent; only their shape and sanity are checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from moegpt.cli.main import app
+
+runner = CliRunner()
+
+
+def run_json(args: list[str]) -> dict:
+    result = runner.invoke(app, ["bench", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_bench_layer_json():
+    out = run_json(["layer", "--tokens", "256", "--d-model", "32", "--grid", "4x1,4x2", "--repeats", "1",
+                    "--backends", "sorted,bucketed,loop", "--device", "cpu"])
+    assert {"machine", "precision", "matmul_peak_gflops", "rows"} <= set(out)
+    assert {"torch", "threads", "cpu"} <= set(out["machine"])
+    assert len(out["rows"]) == 2 * 4  # two cases x (dense + three backends)
+    for row in out["rows"]:
+        assert row["ms"] > 0 and row["gflops"] > 0 and row["memory_ratio_to_dense"] > 0
+        if row["impl"] == "dense":
+            assert row["ratio_to_dense"] == 1.0
+
+
+def test_bench_model_json_both_precisions():
+    out = run_json(["model", "--preset", "tiny", "--steps", "1", "--variants", "dense,topk", "--precision", "both",
+                    "--device", "cpu"])
+    names = [row["model"] for row in out["rows"]]
+    assert names == ["dense fp32", "topk fp32", "dense bf16", "topk bf16"]
+    assert out["rows"][0]["ratio_to_first"] == 1.0
+    dense, topk = out["rows"][0], out["rows"][1]
+    assert topk["total_params"] > dense["total_params"]
+    assert abs(topk["active_params"] - dense["active_params"]) / dense["active_params"] < 0.02
+
+
+def test_bench_sample_json():
+    out = run_json(["sample", "--preset", "tiny", "--new-tokens", "8", "--repeats", "1", "--device", "cpu"])
+    assert [row["mode"] for row in out["rows"]] == ["kv-cache", "recompute"]
+    assert out["speedup"] > 0 and all(row["tokens_per_s"] > 0 for row in out["rows"])
+
+
+def test_bench_quality_json(tiny_data):
+    out = run_json(["quality", "--preset", "tiny", "--steps", "2", "--variants", "dense,topk",
+                    "--set", f"data.data_root={tiny_data}", "--set", "data.name=tiny"])
+    rows = {row["variant"]: row for row in out["rows"]}
+    assert set(rows) == {"dense", "topk"}
+    assert rows["dense"]["max_mean_load"] is None and rows["topk"]["max_mean_load"] >= 1.0
+    assert all(row["val_ce"] > 0 for row in rows.values())
+
+
+def test_bench_bad_input_is_one_line():
+    for args in (["layer", "--grid", "4x9"], ["layer", "--backends", "warp"], ["model", "--variants", "nope"],
+                 ["layer", "--format", "yaml"]):
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moegpt: error:"), result.stderr

@@ -1,0 +1,179 @@
+"""Dispatch backends (moegpt/moe/dispatch.py): every backend == loop == a per-token Python reference.
+
+The reference is slow and obviously correct: for each token, for each of its choices, run that
+expert's MLP on the token vector alone and add it with its weight. Outputs AND gradients (x, the
+combine weights, every expert weight) must agree in fp32 to 1e-5, including dropped choices
+(idx -1), empty experts, heavy imbalance and nothing kept at all, for every activation.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import pytest
+import torch
+
+from moegpt.config import ACTIVATIONS, DISPATCH_BACKENDS
+from moegpt.errors import MoegptError
+from moegpt.moe.dispatch import run_experts
+from moegpt.moe.experts import ExpertBank
+
+N, K, C, H, E = 16, 2, 16, 8, 4  # widths are multiples of 8 so `grouped` can run
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def has_grouped_mm() -> bool:
+    return getattr(torch, "_grouped_mm", None) is not None
+
+
+def backends() -> list:
+    out = []
+    for name in DISPATCH_BACKENDS:
+        if name == "loop":
+            continue
+        marks = [] if name != "grouped" or has_grouped_mm() else \
+            [pytest.mark.skip(reason="torch._grouped_mm is missing in this torch")]
+        out.append(pytest.param(name, marks=marks))
+    return out
+
+
+def reference(x_NC, idx_NK, weight_NK, bank: ExpertBank):
+    rows = []
+    for n in range(x_NC.shape[0]):
+        acc = torch.zeros(bank.n_embd, dtype=x_NC.dtype)
+        for j in range(idx_NK.shape[1]):
+            e = int(idx_NK[n, j])
+            if e < 0:
+                continue
+            h = x_NC[n] @ bank.w_in[e]
+            if bank.activation == "swiglu":
+                gate, up = h[:bank.hidden], h[bank.hidden:]
+                h = gate * torch.sigmoid(gate) * up
+            elif bank.activation == "gelu":
+                h = 0.5 * h * (1.0 + torch.erf(h / 2.0 ** 0.5))
+            elif bank.activation == "relu":
+                h = torch.clamp(h, min=0.0)
+            out = h if bank.w_out is None else h @ bank.w_out[e]
+            acc = acc + weight_NK[n, j] * out
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def make_idx(case: str, gen: torch.Generator) -> torch.Tensor:
+    """[N, K] expert choices, distinct within a token, for one routing situation."""
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])
+    if case == "dropped":
+        idx[torch.rand(N, K, generator=gen) < 0.35] = -1
+    elif case == "empty_expert":
+        idx = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(N)])  # expert E-1 unused
+        idx[0, 1] = -1
+    elif case == "imbalanced":
+        idx[:, 0] = 0  # every token's first choice is expert 0
+        idx[:, 1] = torch.where(torch.rand(N, generator=gen) < 0.8, 1, 2)  # experts 3.. stay empty
+    elif case == "all_dropped":
+        idx[:] = -1
+    elif case == "one_token":
+        idx = idx[:1]
+    assert case in ("random", "dropped", "empty_expert", "imbalanced", "all_dropped", "one_token")
+    return idx
+
+
+CASES = ["random", "dropped", "empty_expert", "imbalanced", "all_dropped", "one_token"]
+
+
+@functools.cache  # reference and loop results are shared by the backend tests
+def run_with_grads(backend: str, activation: str, case: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{activation}/{case}".encode()))
+    bank = ExpertBank(E, C, H, activation)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    idx = make_idx(case, gen)
+    x = torch.randn(idx.shape[0], C, generator=gen, requires_grad=True)
+    w = torch.rand(idx.shape, generator=gen, requires_grad=True)
+    grad_out = torch.randn(idx.shape[0], C, generator=gen)
+    y = reference(x, idx, w, bank) if backend == "reference" else run_experts(x, idx, w, bank, backend)
+    if y.requires_grad:  # the reference with every choice dropped is a constant zero
+        (y * grad_out).sum().backward()
+    tensors = {"y": y.detach(), "x.grad": x.grad, "weight.grad": w.grad}
+    for name, p in bank.named_parameters():
+        tensors[f"{name}.grad"] = p.grad
+    return {k: (torch.zeros(()) if v is None else v) for k, v in tensors.items()}
+
+
+def assert_close_all(got: dict, want: dict, label: str) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        g, w = got[key], want[key]
+        if g.dim() == 0 or w.dim() == 0:  # a missing gradient only matches an all-zero one
+            assert float(g.abs().max()) <= TOL and float(w.abs().max()) <= TOL, f"{label}: {key}"
+            continue
+        assert g.shape == w.shape, f"{label}: {key} shape {g.shape} != {w.shape}"
+        err = float((g - w).abs().max())
+        assert err <= TOL, f"{label}: {key} differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_loop_matches_per_token_reference(activation, case):
+    assert_close_all(run_with_grads("loop", activation, case), run_with_grads("reference", activation, case),
+                     f"loop/{activation}/{case}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", backends())
+def test_backend_matches_loop_and_reference(backend, activation, case):
+    got = run_with_grads(backend, activation, case)
+    label = f"{backend}/{activation}/{case}"
+    assert_close_all(got, run_with_grads("loop", activation, case), f"{label} vs loop")
+    assert_close_all(got, run_with_grads("reference", activation, case), f"{label} vs reference")
+
+
+def test_reference_is_not_trivially_zero():
+    out = run_with_grads("reference", "swiglu", "random")
+    assert float(out["y"].abs().max()) > 1e-2
+    assert all(float(v.abs().max()) > 0 for v in out.values())
+
+
+def test_dropped_choices_contribute_nothing():
+    gen = torch.Generator().manual_seed(0)
+    bank = ExpertBank(E, C, H, "gelu")
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(3, C, generator=gen)
+    idx = torch.tensor([[0, -1], [-1, -1], [2, 1]])
+    w = torch.rand(3, 2, generator=gen)
+    for backend in ["loop", *[b for b in DISPATCH_BACKENDS if b not in ("loop", "grouped")]]:
+        y = run_experts(x, idx, w, bank, backend)
+        assert torch.equal(y[1], torch.zeros(C)), backend
+        w2 = w.clone()
+        w2[0, 1] = 123.0  # the weight of a dropped choice is ignored
+        assert torch.allclose(run_experts(x, idx, w2, bank, backend), y, atol=TOL), backend
+
+
+def test_unknown_backend_raises_naming_valid_ones():
+    bank = ExpertBank(E, C, H, "relu")
+    with pytest.raises(MoegptError, match="unknown dispatch backend 'nope'.*sorted"):
+        run_experts(torch.zeros(2, C), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), bank, "nope")
+
+
+@pytest.mark.skipif(not has_grouped_mm(), reason="torch._grouped_mm is missing in this torch")
+def test_grouped_rejects_widths_not_multiple_of_8():
+    bank = ExpertBank(E, 12, 6, "relu")
+    torch.nn.init.normal_(bank.w_in)
+    torch.nn.init.normal_(bank.w_out)
+    with pytest.raises(MoegptError, match="multiples of 8"):
+        run_experts(torch.zeros(2, 12), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), bank,
+                    "grouped")

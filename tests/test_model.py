@@ -1,0 +1,212 @@
+"""The GPT trunk (moegpt/model.py): loss, aux-loss sum, overfitting, KV cache, parameter accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moegpt.config import ModelConfig, MoEConfig
+from moegpt.model import GPT, IGNORE_INDEX, KVCache, aux_losses
+from moegpt.moe import VARIANTS
+from moegpt.moe.dense import DenseFFN
+from moegpt.moe.losses import router_z_loss, switch_balance_loss
+
+CAUSAL = [v for v in VARIANTS if VARIANTS[v].is_causal]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **kw})
+
+
+def moe_cfg(variant: str = "topk", **kw) -> MoEConfig:
+    cfg = MoEConfig(**{"variant": variant, "n_expert": 4, "top_k": 2, **kw})
+    assert not cfg.problems(), cfg.problems()
+    return cfg
+
+
+def build(variant: str = "topk", seed: int = 0, model_kw: dict | None = None, **moe_kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(model_cfg(**(model_kw or {})), moe_cfg(variant, **moe_kw))
+
+
+def tokens(B: int, T: int, V: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- forward and losses --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_untrained_cross_entropy_is_about_log_vocab(variant):
+    model = build(variant, model_kw={"vocab_size": 256})
+    idx = tokens(4, 16, 256)
+    out = model(idx[:, :-1], idx[:, 1:])
+    assert out.logits.shape == (4, 15, 256)
+    assert abs(out.loss.item() - math.log(256)) < 0.1
+    assert len(out.router_stats) == 2
+
+
+def test_loss_is_cross_entropy_skipping_ignored_targets():
+    model = build("topk")
+    idx = tokens(2, 12)
+    targets = tokens(2, 12, seed=1)
+    targets[0, :5] = IGNORE_INDEX
+    out = model(idx, targets)
+    expected = F.cross_entropy(out.logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_without_targets_only_the_last_position_unless_asked():
+    model = build("topk").eval()
+    idx = tokens(2, 10)
+    last = model(idx).logits
+    full = model(idx, all_logits=True).logits
+    assert last.shape == (2, 1, 64) and full.shape == (2, 10, 64)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    assert model(idx).loss is None
+
+
+def test_longer_than_block_size_raises():
+    with pytest.raises(ValueError, match="block_size"):
+        build("dense")(tokens(1, 17))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_aux_total_is_the_per_layer_sum_times_coefficients(variant):
+    coefs = {"balance_coef": 0.3, "z_coef": 0.07, "seq_balance_coef": 0.5}
+    model = build(variant, **coefs).train()
+    idx = tokens(2, 12)
+    out = model(idx, idx)
+    stats = out.router_stats
+    aux = aux_losses(stats, model.moe_config)
+    hand = {"balance": sum(s.balance.item() for s in stats), "z": sum(s.z.item() for s in stats),
+            "seq_balance": sum(s.seq_balance.item() for s in stats)}
+    for key, value in hand.items():
+        assert aux[key].item() == pytest.approx(value, rel=1e-6, abs=1e-9)
+    total = 0.3 * hand["balance"] + 0.07 * hand["z"] + 0.5 * hand["seq_balance"]
+    assert aux["total"].item() == pytest.approx(total, rel=1e-6, abs=1e-9)
+
+
+def test_layer_losses_are_the_design_formulas_over_real_tokens():
+    """Each topk layer's balance and z equal DESIGN §4 on its own tokens, with ignored targets masked out."""
+    model = build("topk", balance_coef=1.0, z_coef=1.0).train()
+    idx = tokens(2, 12)
+    targets = idx.clone()
+    targets[1, 7:] = IGNORE_INDEX
+    out = model(idx, targets)
+    mask = (targets != IGNORE_INDEX).reshape(-1)
+    hand_balance = hand_z = 0.0
+    for s in out.router_stats:
+        hand_balance += float(switch_balance_loss(s.router_logits_NE, s.expert_idx_NK, mask))
+        hand_z += float(router_z_loss(s.router_logits_NE, mask))
+        unmasked = float(switch_balance_loss(s.router_logits_NE, s.expert_idx_NK))
+        assert s.balance.item() != pytest.approx(unmasked, rel=1e-7)  # the mask made a difference
+    aux = aux_losses(out.router_stats, model.moe_config)
+    assert aux["balance"].item() == pytest.approx(hand_balance, rel=1e-6)
+    assert aux["z"].item() == pytest.approx(hand_z, rel=1e-6)
+    aux["total"].backward()
+    for block in model.blocks:
+        assert float(block.ffn.router.weight.grad.abs().sum()) > 0
+
+
+# ---- learning ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["dense", "topk"])
+def test_tiny_model_overfits_one_batch(variant):
+    model = build(variant, model_kw={"vocab_size": 32}).train()
+    idx = tokens(2, 16, 32, seed=4)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first = losses = None
+    for _ in range(300):
+        out = model(x, y)
+        loss = out.loss + aux_losses(out.router_stats, model.moe_config)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        first = out.loss.item() if first is None else first
+        losses = out.loss.item()
+        if losses < 0.05:
+            break
+    assert first > 3.0 and losses < 0.05, (first, losses)
+
+
+# ---- KV cache ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_kv_cache_matches_a_full_forward(variant):
+    # switch's default capacity depends on how many tokens a forward sees; a capacity above the
+    # token count keeps the comparison about the cache (see test_capacity_dropping_* for drops)
+    extra = {"capacity_factor": 8.0} if variant == "switch" else {}
+    model = build(variant, **extra).eval()
+    idx = tokens(2, 14, seed=5)
+    with torch.no_grad():
+        full = model(idx, all_logits=True).logits
+        cache = KVCache()
+        parts = [model(idx[:, :5], cache=cache, all_logits=True).logits]  # a prefill chunk
+        assert cache.length == 5
+        parts.append(model(idx[:, 5:8], cache=cache, all_logits=True).logits)  # a chunk on a cache
+        for t in range(8, 14):  # then token by token
+            parts.append(model(idx[:, t:t + 1], cache=cache, all_logits=True).logits)
+        assert cache.length == 14
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_respects_block_size():
+    model = build("dense").eval()
+    cache = KVCache()
+    with torch.no_grad():
+        model(tokens(1, 16), cache=cache)
+        with pytest.raises(ValueError, match="block_size"):
+            model(tokens(1, 1), cache=cache)
+
+
+# ---- parameter accounting and layer layout -------------------------------------------------------
+
+def test_num_params_total_and_active():
+    dense = build("dense").num_params()
+    topk = build("topk", n_expert=8, top_k=2).num_params()
+    assert dense["active"] == dense["total"]
+    assert topk["active"] < topk["total"]
+    # default expert_hidden = ffn_hidden / top_k: a token runs through as many FFN weights as dense
+    router_params = 2 * 8 * 32  # n_layer * n_expert * n_embd
+    assert topk["active"] - router_params == dense["active"]
+    assert topk["embedding"] == dense["embedding"] == 64 * 32 + 16 * 32
+    assert topk["active_non_embedding"] == topk["active"] - topk["embedding"]
+    model = build("topk", n_expert=8, top_k=2)
+    assert topk["total"] == sum(p.numel() for p in model.parameters())  # tied head counted once
+
+
+def test_flops_per_token_grow_with_active_not_total_params():
+    few = build("topk", n_expert=4, top_k=2).flops_per_token()
+    many = build("topk", n_expert=16, top_k=2).flops_per_token()
+    assert many - few == 6 * 2 * (16 - 4) * 32  # only the router grows
+
+
+@pytest.mark.parametrize("n_layer,moe_every,first_dense,expected", [
+    (4, 1, 0, [0, 1, 2, 3]), (5, 2, 0, [0, 2, 4]), (5, 2, 1, [1, 3]), (4, 1, 2, [2, 3]), (3, 1, 3, []),
+])
+def test_which_layers_are_moe(n_layer, moe_every, first_dense, expected):
+    model = build("topk", model_kw={"n_layer": n_layer}, moe_every=moe_every, first_dense=first_dense)
+    assert model.moe_layers == expected
+    for i, block in enumerate(model.blocks):
+        assert isinstance(block.ffn, VARIANTS["topk"] if i in expected else DenseFFN), i
+    stats = model(tokens(1, 8), tokens(1, 8, seed=1)).router_stats
+    assert [i for i, s in enumerate(stats) if s.is_routed] == expected
+
+
+def test_dense_variant_has_no_moe_layers():
+    model = build("dense", moe_every=1)
+    assert model.moe_layers == []
+    assert all(isinstance(b.ffn, DenseFFN) for b in model.blocks)
