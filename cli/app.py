@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -59,11 +60,15 @@ class MoegptGroup(TyperGroup):
             if not standalone_mode:
                 raise
             fail(str(err), err.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:
             if not standalone_mode:
                 raise
             print("moegpt: aborted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:
+            # `moegpt ... | head`: the reader left; exit quietly like other Unix tools
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - suppress the flush error at exit
+            sys.exit(1)
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv

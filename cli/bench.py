@@ -9,11 +9,11 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from moegpt.cli.app import app
 from rich.console import Console
 from rich.table import Table
 
 from moegpt.bench import LayerCase, bench_layer, bench_model, bench_quality, machine_info
+from moegpt.cli.app import app
 from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
 from moegpt.moe import VARIANTS

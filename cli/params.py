@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from moegpt.cli import options as opt
-from moegpt.cli.app import app
 from rich.console import Console
 from rich.table import Table
 
+from moegpt.cli import options as opt
+from moegpt.cli.app import app
 from moegpt.model import GPT
 from moegpt.presets import resolve_config
 

@@ -6,7 +6,6 @@ import re
 from typing import Annotated, Any
 
 import typer
-from moegpt.cli.app import app
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -22,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from moegpt.cli.app import app
 from moegpt.errors import MoegptError
 from moegpt.prepare import (
     DEFAULT_SEED,

@@ -6,13 +6,13 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from moegpt.cli import options as opt
-from moegpt.cli.app import app
-from moegpt.cli.params import human
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from moegpt.cli import options as opt
+from moegpt.cli.app import app
+from moegpt.cli.params import human
 from moegpt.errors import MoegptError, TrainingInterrupted
 from moegpt.moe import is_causal_variant
 from moegpt.presets import resolve_config

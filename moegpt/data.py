@@ -68,6 +68,15 @@ class TokenDataset:
     def num_tokens(self, split: str) -> int:
         return len(self._split(split))
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the source text this folder was prepared from (changes when the data does)."""
+        return str(self.meta.get("source", {}).get("sha256", ""))
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The whole split as a read-only memmap, in order (for sequential evaluation and reports)."""
+        return self._split(split)
+
     def _split(self, split: str) -> np.ndarray:
         if split not in self._data:
             raise MoegptError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")

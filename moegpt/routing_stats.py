@@ -48,3 +48,49 @@ def layer_summary(stats: RouterStats) -> dict[str, float] | None:
     if stats.router_probs_NE is not None:
         out["router_entropy"] = round(normalized_entropy(stats.router_probs_NE), 4)
     return out
+
+
+def coefficient_of_variation(load_E: Tensor) -> float:
+    """Population std / mean of the per-expert load (0 = balanced; sqrt(E-1) = all on one expert)."""
+    load = load_E.double()
+    mean = float(load.mean())
+    return float(load.std(unbiased=False)) / mean if mean > 0 else 0.0
+
+
+def normalized_probs(probs_NE: Tensor) -> Tensor:
+    """Router probabilities scaled to sum to 1 per token (a no-op for softmax; aux-free's sigmoid
+    affinities are not normalised, and entropy/margins need a distribution)."""
+    p = probs_NE.double()
+    return p / p.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def entropy_sum(probs_NE: Tensor) -> float:
+    """Sum over tokens of the router entropy in nats (divide by N log E for `normalized_entropy`)."""
+    p = normalized_probs(probs_NE)
+    return float(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+def margin_sum(probs_NE: Tensor) -> float:
+    """Sum over tokens of p_top1 - p_top2 of the normalised router probabilities (0 when E = 1)."""
+    if probs_NE.shape[-1] < 2:
+        return 0.0
+    top2 = torch.topk(normalized_probs(probs_NE), 2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).sum())
+
+
+def top1_expert(stats: RouterStats) -> Tensor:
+    """Each token's first expert [N] (long): of its chosen experts (capacity drops included, it is the
+    router's preference), the one with the largest router probability; -1 for a token with none."""
+    assert stats.expert_idx_NK is not None
+    idx_NK = stats.expert_idx_NK.long()
+    valid_NK = idx_NK >= 0
+    if stats.router_probs_NE is not None:
+        score_NK = stats.router_probs_NE.double().gather(1, idx_NK.clamp(min=0))
+    elif stats.expert_weight_NK is not None:
+        score_NK = stats.expert_weight_NK.double()
+    else:  # rank order: earlier slots first
+        score_NK = -torch.arange(idx_NK.shape[1], dtype=torch.float64).expand(idx_NK.shape)
+    score_NK = score_NK.masked_fill(~valid_NK, float("-inf"))
+    best_N = score_NK.argmax(dim=-1)
+    top_N = idx_NK.gather(1, best_N[:, None]).squeeze(1)
+    return torch.where(valid_NK.any(dim=-1), top_N, torch.full_like(top_N, -1))

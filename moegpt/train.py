@@ -200,7 +200,7 @@ class Trainer:
                                    "world_size": self.dist.world_size},
                     "rng": rng, "config": cfg.to_dict(), "best_val": best_val,
                     "data_ref": {"data_dir": str(data_dir.resolve()), "name": cfg.data.name,
-                                 "fingerprint": str(ds.meta.get("fingerprint", ""))},
+                                 "fingerprint": ds.fingerprint},
                     "moegpt_version": __version__}
 
         def save(is_best: bool = False) -> Path | None:
@@ -346,8 +346,8 @@ def _log_record(step: int, tokens: int, lr: float, out, aux: dict, grad_norm: to
     for layer in moe_layers:
         summary = layer_summary(stats[layer])
         if summary is not None:
-            per_layer.append({"layer": layer, "balance": round(float(stats[layer].balance), 5),
-                              "z": round(float(stats[layer].z), 5), **summary})
+            per_layer.append({"layer": layer, "balance": round(float(stats[layer].balance.detach()), 5),
+                              "z": round(float(stats[layer].z.detach()), 5), **summary})
     record["layers"] = per_layer
     return record
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from moegpt.cli.main import app
 from typer.testing import CliRunner
 
+from moegpt.cli.main import app
 from moegpt.moe import VARIANTS
 
 TINY = ["--preset", "tiny"]

@@ -7,10 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
-from moegpt.cli.main import app
 from typer.testing import CliRunner
 
 from moegpt import corpus
+from moegpt.cli.main import app
 
 runner = CliRunner()
 WORDS = "alpha beta gamma delta router expert token layer ünïcode 東京 return self".split()

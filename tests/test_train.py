@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from moegpt.cli.main import app
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint
+from moegpt.cli.main import app
 from moegpt.presets import resolve_config
 from moegpt.train import Trainer, lr_at
 

@@ -60,11 +60,6 @@ class ExpertBank(nn.Module):
     def params_per_expert(self) -> int:
         return self.w_in[0].numel() + (0 if self.w_out is None else self.w_out[0].numel())
 
-    def per_expert_weights(self) -> list[tuple[Tensor, Tensor | None]]:
-        # unbind once: indexing a stacked weight per expert in a loop is ~20x slower (PERF-NOTES).
-        w_out = [None] * self.n_expert if self.w_out is None else list(self.w_out.unbind(0))
-        return list(zip(self.w_in.unbind(0), w_out))
-
     def forward_batched(self, x_EMC: Tensor) -> Tensor:
         """All experts on equally many rows each: [E, M, C] -> [E, M, C] by batched matmul."""
         h = activate(torch.bmm(x_EMC, self.w_in), self.activation)

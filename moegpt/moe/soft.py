@@ -3,8 +3,9 @@
 Per sequence, each of E*S slots is a softmax-over-tokens mixture of the sequence's tokens
 (dispatch); each expert processes its S slots; each token's output is a softmax-over-slots mixture
 of the slot outputs (combine). A slot mixes every position of the sequence, so position t sees the
-future. The ignore mask is not applied (every position takes part in the mixtures). No discrete choices, no drops, no balance loss. Reports treat a token's top experts by
-combine weight as its "chosen" ones.
+future. The ignore mask is not applied (every position takes part in the mixtures). No discrete
+choices, no drops, no balance loss. Reports treat a token's top experts by combine weight as its
+"chosen" ones.
 """
 
 from __future__ import annotations
