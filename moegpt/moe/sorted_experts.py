@@ -105,9 +105,15 @@ class SortedExperts(torch.autograd.Function):
         dtype, activation = ctx.compute_dtype, ctx.activation
         x_c, grad_y = x_NC.to(dtype), grad_y_NC.to(dtype)
         grad_x = torch.zeros_like(x_c)
-        grad_gate = torch.zeros_like(gate_M)
-        grad_w_in = torch.zeros_like(w_in)
-        grad_w_out = None if w_out is None else torch.zeros_like(w_out)
+        grad_gate = torch.empty_like(gate_M)  # every assignment belongs to exactly one block
+        # every expert with rows writes its whole gradient slot; only the idle ones need zeros
+        idle = sorted(set(range(w_in.shape[0])) - {blk[0] for blk in ctx.blocks})
+        grad_w_in = torch.empty_like(w_in)
+        grad_w_in[idle] = 0
+        grad_w_out = None
+        if w_out is not None:
+            grad_w_out = torch.empty_like(w_out)
+            grad_w_out[idle] = 0
         for e, start, n, start_pad, n_pad in ctx.blocks:
             tok_n = tok_M[start:start + n]
             gate = gate_M[start:start + n, None].to(dtype)
