@@ -194,8 +194,13 @@ def bench_quality_command(
     cfg = resolve_config(preset, sets=sets)
     console = Console(stderr=True)
 
+    every = max(1, steps // 10)
+
     def progress(kind: str, payload: dict[str, Any]) -> None:
-        if kind == "eval":
+        if kind == "log" and payload["step"] % every == 0:
+            console.print(f"{payload['variant']}: step {payload['step']}/{steps} loss {payload['loss_ce']:.3f} "
+                          f"{payload['tokens_per_s']:,.0f} tok/s", highlight=False)
+        elif kind == "eval":
             console.print(f"{payload['variant']}: step {payload['step']} val_ce {payload['val_ce']:.4f}",
                           highlight=False)
     result = bench_quality(cfg, names, steps, on_event=progress)

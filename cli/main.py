@@ -4,6 +4,7 @@ from moegpt.cli import bench as _bench  # noqa: F401  (registers `moegpt bench .
 from moegpt.cli import inspect_routing as _inspect_routing  # noqa: F401  (registers `moegpt inspect-routing`)
 from moegpt.cli import params as _params  # noqa: F401  (registers `moegpt params`)
 from moegpt.cli import prepare as _prepare  # noqa: F401  (registers `moegpt prepare`)
+from moegpt.cli import sample as _sample  # noqa: F401  (registers `moegpt sample`)
 from moegpt.cli import train as _train  # noqa: F401  (registers `moegpt train`)
 from moegpt.cli.app import app
 

@@ -148,6 +148,19 @@ class GPT(nn.Module):
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return GPTOutput(logits, None, stats)
 
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool | None = None,
+                 context_keep: int | None = None) -> Tensor:
+        """Prompt ids [B, T] (or [T]) -> [B, T + max_new_tokens]; temperature 0 = greedy.
+
+        use_cache None = KV cache for causal variants, full recomputation for non-causal ones. Past
+        block_size the window slides to its newest `context_keep` tokens (see moegpt.generate).
+        """
+        from moegpt.generate import generate  # local: moegpt.generate refers back to this module
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
+                        context_keep).tokens_BL
+
     # ---- accounting -----------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:
         """Total parameters, and active ones (what one token runs through), both counting embeddings once."""

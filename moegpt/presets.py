@@ -17,8 +17,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "vocab_size": 2048},
         "moe": {"variant": "topk", "n_expert": 8, "top_k": 2},
-        "train": {"max_iters": 2000, "batch_size": 16, "lr": 2e-3, "warmup_iters": 100,
-                  "eval_interval": 250, "eval_iters": 20, "ckpt_interval": 500},
+        "train": {"max_iters": 1400, "batch_size": 16, "lr": 2e-3, "warmup_iters": 100,
+                  "eval_interval": 200, "eval_iters": 20, "ckpt_interval": 500},
     },
     # Seconds, for tests and smoke runs.
     "tiny": {

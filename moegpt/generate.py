@@ -1,0 +1,329 @@
+"""Text generation: sampling filters, KV-cached and recomputing loops, routing capture, UTF-8 streaming.
+
+Legend: B batch, T time, L sequence length so far, K choices per token, V vocab.
+
+Context window rule (shared by both loops, so they produce the same tokens):
+  a prediction is conditioned on the window seq[start:L]; initially start = max(0, L0 - block_size).
+  When the window would exceed block_size tokens, it slides: start = L - context_keep, i.e. only the
+  newest `context_keep` tokens (default block_size // 2) are kept. Positions are learned absolute
+  embeddings, so a cache cannot be shifted: the cached loop recomputes the cache on the kept tokens in
+  one pass and continues one token per step until the window is full again. context_keep = block_size
+  gives nanoGPT's rule (always the last block_size tokens) at the price of a full pass per token past
+  block_size; the default amortises that pass over block_size // 2 tokens.
+
+Non-causal variants (expert-choice, soft) mix tokens of the whole window inside the FFN, so cached
+activations go stale when a token is added: they recompute the window every step (`use_cache=False`).
+
+Capacity-limited variants (switch, or capacity_factor > 0) drop tokens by expert capacity over the
+tokens of one forward pass. A cached step routes only the new token (capacity >= 1, so it is never
+dropped), whereas a recomputing step routes the whole window, where it may be: cached and recomputed
+outputs then legitimately differ. Without drops (a capacity no expert fills) they are equal.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here would be a cycle
+    from moegpt.model import GPT
+    from moegpt.tokenizer import Tokenizer
+
+
+# ---- sampling -------------------------------------------------------------------------------------------
+
+def sampling_problems(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                      max_new_tokens: int = 0) -> list[str]:
+    """What is wrong with these sampling settings (empty when they are fine)."""
+    out = []
+    if not (math.isfinite(temperature) and temperature >= 0):
+        out.append(f"temperature must be a finite number >= 0 (got {temperature}; 0 = greedy)")
+    if top_k is not None and top_k < 0:
+        out.append(f"top-k must be >= 0 (got {top_k}; 0 = off)")
+    if top_p is not None and not (0.0 < top_p <= 1.0):  # also catches NaN
+        out.append(f"top-p must be in (0, 1] (got {top_p}; 1 = off)")
+    if max_new_tokens < 0:
+        out.append(f"max-new-tokens must be >= 0 (got {max_new_tokens})")
+    return out
+
+
+def filter_logits(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """Scaled logits (fp32) with every token outside the top-k and the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (the most
+    probable token is always kept). temperature must be > 0 here; 0 (greedy) is handled by `sample_next`.
+    """
+    logits_BV = logits_BV.float() / temperature
+    V = logits_BV.shape[-1]
+    if top_k and top_k < V:
+        kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        probs_BV = torch.softmax(sorted_BV, dim=-1)
+        mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV
+        sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, float("-inf"))
+        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+    return logits_BV
+
+
+def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row [B]: argmax when temperature == 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(filter_logits(logits_BV, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+# ---- routing capture ------------------------------------------------------------------------------------
+
+@dataclass
+class LayerRouting:
+    """One MoE layer's choices for some tokens: experts [B, T, K] (-1 = empty slot), weights, drops."""
+
+    expert_idx_BTK: Tensor
+    expert_weight_BTK: Tensor
+    dropped_BTK: Tensor | None = None
+
+    def top1_BT(self) -> Tensor:
+        """The expert with the largest combine weight per token; -1 where no expert took it (dropped)."""
+        live_BTK = (self.expert_idx_BTK >= 0) & (self.expert_weight_BTK > 0)
+        weight_BTK = self.expert_weight_BTK.float().masked_fill(~live_BTK, -1.0)
+        best_BT1 = weight_BTK.argmax(dim=-1, keepdim=True)
+        top_BT = self.expert_idx_BTK.gather(-1, best_BT1).squeeze(-1)
+        return torch.where(live_BTK.any(dim=-1), top_BT, torch.full_like(top_BT, -1))
+
+
+def _capture(stats: list[Any], batch: int, last: int) -> list[LayerRouting | None]:
+    """Routing of the last `last` positions of a forward pass, per layer (None for dense layers)."""
+    out: list[LayerRouting | None] = []
+    for s in stats:
+        if s.expert_idx_NK is None:
+            out.append(None)
+            continue
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.reshape(batch, -1, t.shape[-1])[:, -last:].detach()
+
+        out.append(LayerRouting(cut(s.expert_idx_NK), cut(s.expert_weight_NK), cut(s.dropped_NK)))
+    return out
+
+
+def concat_routing(parts: list[list[LayerRouting | None]]) -> list[LayerRouting | None]:
+    """Per-layer routing of consecutive token spans joined along time."""
+    out: list[LayerRouting | None] = []
+    for layer_parts in zip(*parts, strict=True):
+        if layer_parts[0] is None:
+            out.append(None)
+            continue
+        dropped = None if layer_parts[0].dropped_BTK is None else torch.cat([p.dropped_BTK for p in layer_parts], 1)
+        out.append(LayerRouting(torch.cat([p.expert_idx_BTK for p in layer_parts], 1),
+                                torch.cat([p.expert_weight_BTK for p in layer_parts], 1), dropped))
+    return out
+
+
+# ---- the generation loop --------------------------------------------------------------------------------
+
+@dataclass
+class GenerationStep:
+    """Tokens in sequence order, with their routing when asked for.
+
+    The first step carries the prompt [B, T0]; each later step one new token [B, 1]. A token's routing
+    is what the model chose when it first processed that token (for prompt tokens cropped away from a
+    window longer than block_size: expert -1, weight 0). Routing needs that token to be fed back in,
+    so with `capture_routing` each token is yielded one forward later (and one extra forward runs at the end).
+    """
+
+    tokens_BT: Tensor
+    routing: list[LayerRouting | None] | None
+    is_prompt: bool
+
+
+@dataclass
+class Generation:
+    tokens_BL: Tensor  # prompt + generated
+    prompt_len: int
+    routing: list[LayerRouting | None] | None  # per layer over all L tokens; None for dense layers
+    used_cache: bool
+    seconds: float
+
+    @property
+    def new_tokens_BT(self) -> Tensor:
+        return self.tokens_BL[:, self.prompt_len:]
+
+
+def model_is_causal(model: GPT) -> bool:
+    """True when every FFN of the model is causal (a KV cache is then exact)."""
+    return all(bool(getattr(block.ffn, "is_causal", True)) for block in model.blocks)
+
+
+def _resolve_cache(model: GPT, use_cache: bool | None) -> bool:
+    causal = model_is_causal(model)
+    if use_cache and not causal:
+        raise ValueError(f"{model.moe_config.variant} is not causal: a KV cache would reuse stale activations "
+                         "(use use_cache=False or None)")
+    if use_cache is None and not causal:
+        warnings.warn(f"{model.moe_config.variant} is not causal: no KV cache, the window is recomputed every step",
+                      stacklevel=3)
+    return causal if use_cache is None else use_cache
+
+
+def _as_batch(idx: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    idx_BT = torch.as_tensor(idx, dtype=torch.long, device=device)
+    if idx_BT.dim() == 1:
+        idx_BT = idx_BT[None]
+    if idx_BT.dim() != 2 or idx_BT.shape[1] == 0:
+        raise ValueError(f"prompt must be [T] or [B, T] token ids with T >= 1 (got shape {tuple(idx_BT.shape)})")
+    return idx_BT
+
+
+def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                   use_cache: bool | None = None, context_keep: int | None = None,
+                   capture_routing: bool = False) -> Iterator[GenerationStep]:
+    """Generate token by token, yielding the prompt first and then each new token (see GenerationStep).
+
+    use_cache: None = KV cache for causal models, recompute for non-causal ones (with a warning);
+    context_keep: tokens kept when the window slides past block_size (default block_size // 2; module doc).
+    The model runs in eval mode under no_grad; its previous mode is restored afterwards.
+    """
+    problems = sampling_problems(temperature, top_k, top_p, max_new_tokens)
+    block = model.config.block_size
+    keep = max(1, block // 2) if context_keep is None else context_keep
+    if not 1 <= keep <= block:
+        problems.append(f"context_keep must be in [1, block_size={block}] (got {context_keep})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    cached = _resolve_cache(model, use_cache)
+    device = next(model.parameters()).device
+    prompt_BT = _as_batch(idx, device)
+    B, T0 = prompt_BT.shape
+    seq_BL = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
+    seq_BL[:, :T0] = prompt_BT
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield from _loop(model, seq_BL, T0, max_new_tokens, block, keep, cached, capture_routing,
+                             temperature, top_k, top_p, generator)
+    finally:
+        model.train(was_training)
+
+
+def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: int, cached: bool, capture: bool,
+          temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> Iterator[GenerationStep]:
+    from moegpt.model import KVCache
+
+    B = seq_BL.shape[0]
+    L, start = T0, max(0, T0 - block)
+    cache: KVCache | None = None
+    if not capture:  # nothing to wait for: the prompt can be shown before the first forward
+        yield GenerationStep(seq_BL[:, :T0], None, True)
+    # one forward per new token, plus one to route the last token when routing is captured
+    for step in range(max_new + (1 if capture else 0)):
+        slide = L - start > block
+        if slide:
+            start = L - keep
+        if not cached:
+            out = model(seq_BL[:, start:L])
+        elif cache is None or slide:
+            cache = KVCache()  # (re)fill the cache with the whole window in one pass
+            out = model(seq_BL[:, start:L], cache=cache)
+        else:
+            out = model(seq_BL[:, L - 1:L], cache=cache)
+        if capture and step == 0:
+            routing = _capture(out.router_stats, B, L - start)
+            if start > 0:  # prompt tokens cropped from an over-long prompt were never routed
+                routing = concat_routing([[_unrouted(r, B, start) for r in routing], routing])
+            yield GenerationStep(seq_BL[:, :T0], routing, True)
+        elif capture:
+            yield GenerationStep(seq_BL[:, L - 1:L], _capture(out.router_stats, B, 1), False)
+        if L == seq_BL.shape[1]:
+            break
+        seq_BL[:, L] = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
+        L += 1
+        if not capture:
+            yield GenerationStep(seq_BL[:, L - 1:L], None, False)
+
+
+def _unrouted(r: LayerRouting | None, batch: int, n: int) -> LayerRouting | None:
+    if r is None:
+        return None
+    K = r.expert_idx_BTK.shape[-1]
+    idx = r.expert_idx_BTK.new_full((batch, n, K), -1)
+    dropped = None if r.dropped_BTK is None else r.dropped_BTK.new_zeros((batch, n, K))
+    return LayerRouting(idx, r.expert_weight_BTK.new_zeros((batch, n, K)), dropped)
+
+
+def generate(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             use_cache: bool | None = None, context_keep: int | None = None,
+             capture_routing: bool = False) -> Generation:
+    """All of `generate_steps` collected: the tokens [B, T0 + max_new_tokens] and, if asked, the routing."""
+    t0 = time.perf_counter()
+    cached = _resolve_cache(model, use_cache)
+    steps = list(generate_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator, cached,
+                                context_keep, capture_routing))
+    tokens_BL = torch.cat([s.tokens_BT for s in steps], dim=1)
+    routing = concat_routing([s.routing for s in steps]) if capture_routing else None
+    return Generation(tokens_BL, steps[0].tokens_BT.shape[1], routing, cached, time.perf_counter() - t0)
+
+
+# ---- streaming text ---------------------------------------------------------------------------------------
+
+class Utf8StreamDecoder:
+    """Token ids in, text out as soon as it is complete: a character whose UTF-8 bytes are split across
+    tokens (byte-level BPE) is held back until its last byte arrives, never printed as U+FFFD mid-stream.
+    Bytes that can never form a character (the model may emit them) do become U+FFFD."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: Iterable[int]) -> str:
+        return self._decoder.decode(self.tokenizer.decode_bytes(ids))
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end becomes U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
+
+
+# ---- benchmark ------------------------------------------------------------------------------------------
+
+def benchmark_generation(model: GPT, prompt_ids: Tensor | Sequence[int], new_tokens: int = 256,
+                         repeats: int = 3, context_keep: int | None = None) -> dict[str, Any]:
+    """Greedy generation of `new_tokens` with the KV cache and with full recomputation of the window,
+    in this process: best-of-`repeats` seconds and tokens/s of each, their ratio, and whether both
+    produced the same tokens (they should for causal, drop-free models)."""
+    if repeats < 1 or new_tokens < 1:
+        raise ValueError(f"repeats and new_tokens must be >= 1 (got {repeats}, {new_tokens})")
+    if not model_is_causal(model):
+        raise ValueError(f"{model.moe_config.variant} is not causal: it cannot use a KV cache")
+    results: dict[str, Any] = {"new_tokens": new_tokens, "prompt_tokens": _as_batch(prompt_ids, "cpu").shape[1],
+                               "repeats": repeats, "device": str(next(model.parameters()).device),
+                               "context_keep": context_keep or max(1, model.config.block_size // 2)}
+    outputs = {}
+    for name, use_cache in (("cached", True), ("recompute", False)):
+        generate(model, prompt_ids, min(8, new_tokens), temperature=0, use_cache=use_cache)  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            gen = generate(model, prompt_ids, new_tokens, temperature=0, use_cache=use_cache,
+                           context_keep=context_keep)
+            best = min(best, gen.seconds)
+        outputs[name] = gen.tokens_BL
+        results[f"{name}_s"] = best
+        results[f"{name}_tokens_per_s"] = new_tokens * gen.tokens_BL.shape[0] / best
+    results["speedup"] = results["cached_tokens_per_s"] / results["recompute_tokens_per_s"]
+    results["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["recompute"]))
+    return results

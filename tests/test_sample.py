@@ -1,0 +1,166 @@
+"""Sampling: KV cache == recomputation for every causal variant, sliding window, streaming UTF-8,
+routing capture vs a direct forward pass, seed determinism, and CLI bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moegpt.cli.main import app
+from moegpt.config import ModelConfig, MoEConfig
+from moegpt.generate import Utf8StreamDecoder, generate
+from moegpt.model import GPT
+from moegpt.moe import VARIANTS, is_causal_variant
+
+runner = CliRunner()
+CAUSAL = [v for v in VARIANTS if is_causal_variant(v)]
+NON_CAUSAL = [v for v in VARIANTS if not is_causal_variant(v)]
+
+
+def tiny_model(variant: str, block_size: int = 16, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    # capacity large enough that nothing is ever dropped: drops legitimately differ between a cached
+    # step (one token routed) and a recomputed window (see moegpt.generate)
+    moe = MoEConfig(variant=variant, n_expert=4, top_k=2, capacity_factor=100.0 if variant == "switch" else 0.0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=block_size, n_layer=2, n_head=2, n_embd=32), moe)
+    for p in model.parameters():  # sharper weights than the init, so greedy paths are not trivially flat
+        p.data.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_greedy_cache_equals_recompute(variant):
+    model = tiny_model(variant)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    cached = generate(model, prompt, 12, temperature=0, use_cache=True)
+    full = generate(model, prompt, 12, temperature=0, use_cache=False)
+    assert cached.used_cache and not full.used_cache
+    assert torch.equal(cached.tokens_BL, full.tokens_BL)
+    assert len(set(cached.tokens_BL[0, 5:].tolist())) > 1  # not a degenerate constant stream
+
+
+@pytest.mark.parametrize("variant", ["topk", "dense"])
+def test_generation_past_block_size(variant):
+    model = tiny_model(variant, block_size=8)
+    prompt = torch.tensor([[1, 2, 3]])
+    for keep in (4, 8):  # default-style sliding and nanoGPT's crop
+        cached = generate(model, prompt, 20, temperature=0, use_cache=True, context_keep=keep)
+        full = generate(model, prompt, 20, temperature=0, use_cache=False, context_keep=keep)
+        assert cached.tokens_BL.shape == (1, 23)
+        assert torch.equal(cached.tokens_BL, full.tokens_BL)
+
+
+@pytest.mark.parametrize("variant", NON_CAUSAL)
+def test_non_causal_variants_recompute(variant):
+    model = tiny_model(variant)
+    with pytest.warns(UserWarning, match="not causal"):
+        out = generate(model, torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    assert not out.used_cache and out.tokens_BL.shape == (1, 8)
+
+
+def test_library_generate_method_and_seed_determinism():
+    model = tiny_model("topk")
+    prompt = torch.tensor([[7, 8, 9]])
+    a = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(5))
+    b = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(5))
+    c = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and a.shape == (1, 13)
+    assert not torch.equal(a, c)
+
+
+def test_captured_routing_matches_direct_forward():
+    model = tiny_model("topk")
+    gen = generate(model, torch.tensor([[2, 7, 1, 8]]), 8, temperature=0, capture_routing=True)
+    with torch.no_grad():
+        stats = model(gen.tokens_BL, all_logits=True).router_stats
+    for layer in model.moe_layers:
+        routed = gen.routing[layer]
+        direct = stats[layer].expert_idx_NK.reshape(1, gen.tokens_BL.shape[1], -1)
+        assert torch.equal(routed.expert_idx_BTK, direct)
+        weights = stats[layer].expert_weight_NK.reshape(direct.shape)
+        assert torch.allclose(routed.expert_weight_BTK, weights, atol=1e-6)
+
+
+class ByteTokenizer:
+    """Token id = one byte: the worst case for splitting multi-byte characters."""
+
+    def decode_bytes(self, ids):
+        return bytes(ids)
+
+
+def test_stream_decoder_never_splits_a_character():
+    text = "héllo → 世界 🙂!"
+    decoder = Utf8StreamDecoder(ByteTokenizer())
+    pieces = [decoder.feed([b]) for b in text.encode()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + decoder.flush() == text
+    assert any(p == "" for p in pieces)  # continuation bytes were held back, not printed
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def char_run(tiny_data, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(tiny_data),
+                                 "--set", f"train.runs_root={runs}", "--name", "s", "--max-iters", "3"])
+    assert result.exit_code == 0, result.output
+    return runs / "s"
+
+
+def test_cli_sample_is_deterministic_for_a_seed(char_run):
+    args = ["sample", str(char_run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3", "--no-stream"]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout and first.stdout.startswith("def ")
+    assert "tokens/s" in first.stderr
+
+
+def test_cli_routing_json(char_run, tmp_path):
+    path = tmp_path / "route.json"
+    result = runner.invoke(app, ["sample", str(char_run), "--prompt", "for ", "--max-new-tokens", "6", "--seed", "1",
+                                 "--show-routing", "--routing-json", str(path)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(path.read_text())
+    sample = doc["samples"][0]
+    assert sample["prompt_tokens"] == 4 and len(sample["tokens"]) == 10
+    for token in sample["tokens"]:
+        assert [r["layer"] for r in token["routing"]] == doc["moe_layers"]
+        for r in token["routing"]:
+            assert len(r["experts"]) == 2 and all(0 <= e < doc["n_expert"] for e in r["experts"])
+            assert abs(sum(r["weights"]) - 1) < 1e-4  # top-k renormalised
+    assert "routing: top-1 expert" in result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top-p"), (["--top-p", "1.5"], "top-p"),
+    (["--top-k", "-1"], "top-k"), (["--max-new-tokens", "-1"], "max-new-tokens"),
+    (["--prompt", "€ 漢"], "outside this run's char vocabulary"), (["--prompt", "x" * 100], "block_size"),
+    (["--show-routing", "7"], "not a MoE layer"),
+])
+def test_cli_bad_input(char_run, args, fragment):
+    result = runner.invoke(app, ["sample", str(char_run), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moegpt: error:") and fragment in lines[0], result.stderr
+
+
+def test_cli_missing_and_corrupt_checkpoint(char_run, tmp_path):
+    missing = runner.invoke(app, ["sample", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and missing.stderr.startswith("moegpt: error:")
+    bad = tmp_path / "bad.pt"
+    good = sorted((char_run / "ckpt").glob("step_*.pt"))[-1]
+    bad.write_bytes(good.read_bytes()[:-50])
+    corrupt = runner.invoke(app, ["sample", str(bad)])
+    assert corrupt.exit_code == 2 and "checkpoint corrupt" in corrupt.stderr
