@@ -33,3 +33,14 @@ def tiny_data(tmp_path_factory) -> Path:
     corpus = write_text_corpus(tmp_path_factory.mktemp("corpus"))
     prepare_dataset(source=str(corpus), name="tiny", data_root=str(root), tokenizer="char", val_fraction=0.1, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ N, K, C, H, E = 16, 2, 16, 8, 4  # widths are multiples of 8 so `grouped` can ru
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def has_grouped_mm() -> bool:

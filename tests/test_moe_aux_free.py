@@ -11,13 +11,7 @@ from moegpt.moe.aux_free import AuxFreeMoE
 C = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def aux_free(seed: int = 0, **kw) -> AuxFreeMoE:

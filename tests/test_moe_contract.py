@@ -17,13 +17,7 @@ CAUSAL = [v for v in VARIANTS if VARIANTS[v].is_causal]
 NON_CAUSAL = [v for v in VARIANTS if not VARIANTS[v].is_causal]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def model_cfg(**kw) -> ModelConfig:

@@ -12,14 +12,7 @@ from moegpt.model import aux_losses
 from moegpt.moe import VARIANTS, RouterStats
 from moegpt.moe.losses import router_z_loss, seq_balance_loss, switch_balance_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hand_balance(logits, idx) -> float:

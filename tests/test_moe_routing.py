@@ -7,14 +7,7 @@ import torch
 
 from moegpt.moe.routing import capacity_keep_mask, expert_capacity, softmax_topk
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds waits (seconds on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference_keep(idx_NK: torch.Tensor, B: int, T: int, E: int, capacity: int) -> torch.Tensor:

@@ -31,12 +31,7 @@ def tiny_model(variant: str, block_size: int = 16, seed: int = 0) -> GPT:
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("variant", CAUSAL)

@@ -21,16 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _act_forward(h_PHin: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        gate, up = h_PHin.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "gelu":
-        return F.gelu(h_PHin)
-    if activation == "relu":
-        return F.relu(h_PHin)
-    return h_PHin
+from moegpt.moe.experts import activate
 
 
 def _act_backward(grad_a_PH: Tensor, h_PHin: Tensor, activation: str) -> Tensor:
@@ -88,7 +79,7 @@ class SortedExperts(torch.autograd.Function):
             tok_n = tok_M[start:start + n]
             h = torch.mm(_gather_rows(x_c, tok_n, n_pad), w_in[e].to(compute_dtype),
                          out=h_P[start_pad:start_pad + n_pad])
-            out = h if w_out is None else _act_forward(h, activation) @ w_out[e].to(compute_dtype)
+            out = h if w_out is None else activate(h, activation) @ w_out[e].to(compute_dtype)
             out = out[:n] * gate_M[start:start + n, None].to(compute_dtype)
             y = out.new_zeros(x_NC.shape[0], out.shape[1]) if y is None else y
             y.index_add_(0, tok_n, out)
@@ -126,7 +117,7 @@ class SortedExperts(torch.autograd.Function):
                 grad_h = g * gate
             else:
                 grad_a_raw = g @ w_out[e].to(dtype).t()
-                a = _act_forward(h, activation)  # recomputed: cheaper than keeping it
+                a = activate(h, activation)  # recomputed: cheaper than keeping it
                 grad_gate[start:start + n] = (a * grad_a_raw).sum(-1)[:n].to(grad_gate.dtype)
                 grad_w_out[e] = ((a * gate).t() @ g).to(grad_w_out.dtype)
                 grad_h = _act_backward(grad_a_raw * gate, h, activation)
