@@ -29,6 +29,8 @@ class TrainRenderer:
 
     def __init__(self, console: Console, max_iters: int):
         self.console, self.max_iters = console, max_iters
+        if not console.is_terminal:
+            console.soft_wrap = True  # log lines stay whole in files and pipes
         self.interactive = console.is_terminal
         self.progress: Progress | None = None
         self.task = None
@@ -74,13 +76,13 @@ class TrainRenderer:
         else:
             loads = " ".join(f"{layer['max_mean_load']:.2f}" for layer in p["layers"])
             self.console.print(f"step {p['step']:>6}/{self.max_iters} | {info}"
-                               + (f" | max/mean load {loads}" if loads else ""), highlight=False, soft_wrap=True)
+                               + (f" | max/mean load {loads}" if loads else ""), highlight=False)
 
     def on_eval(self, p: dict[str, Any]) -> None:
         self.last_val = p["val_ce"]
         if self.progress is None:
             self.console.print(f"step {p['step']:>6}/{self.max_iters} | val_ce {p['val_ce']:.4f} "
-                               f"(best {p['best_val_ce']:.4f})", highlight=False, soft_wrap=True)
+                               f"(best {p['best_val_ce']:.4f})", highlight=False)
 
     def stop(self) -> None:
         if self.progress is not None:

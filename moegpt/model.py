@@ -22,14 +22,31 @@ IGNORE_INDEX = -1
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values [B, n_head, T_cached, head_dim] of the tokens seen so far."""
+    """Per-layer keys and values of the tokens seen so far.
+
+    Buffers [B, n_head, block_size, head_dim] are allocated on first use and filled in place, so a
+    generated token costs one write per layer instead of re-concatenating the whole cache.
+    """
 
     keys: list[Tensor | None] = field(default_factory=list)
     values: list[Tensor | None] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+        return self.lengths[0] if self.lengths else 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values of `layer`; return all keys/values so far (views of the buffers)."""
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_empty(B, H, capacity, D)
+            self.values[layer] = v.new_empty(B, H, capacity, D)
+        past, T = self.lengths[layer], k.shape[2]
+        self.keys[layer][:, :, past:past + T] = k
+        self.values[layer][:, :, past:past + T] = v
+        self.lengths[layer] = past + T
+        return self.keys[layer][:, :, :past + T], self.values[layer][:, :, :past + T]
 
 
 @dataclass
@@ -42,7 +59,7 @@ class GPTOutput:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
+        self.n_head, self.n_embd, self.block_size = cfg.n_head, cfg.n_embd, cfg.block_size
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -54,14 +71,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0
         if cache is not None:
-            if cache.keys[layer] is not None:
-                past = cache.keys[layer].shape[2]
-                k = torch.cat([cache.keys[layer], k], dim=2)
-                v = torch.cat([cache.values[layer], v], dim=2)
-            cache.keys[layer], cache.values[layer] = k, v
+            past = cache.lengths[layer]
+            k, v = cache.append(layer, k, v, self.block_size)
         dropout = self.dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new query sees every cached key: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             # new queries sit at positions past..past+T-1 and may see keys up to their own position
             allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -131,7 +147,8 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if cache is not None and not cache.keys:
-            cache.keys, cache.values = [None] * len(self.blocks), [None] * len(self.blocks)
+            n = len(self.blocks)
+            cache.keys, cache.values, cache.lengths = [None] * n, [None] * n, [0] * n
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         mask = None if targets is None else targets != IGNORE_INDEX

@@ -24,6 +24,9 @@ from moegpt.moe.experts import ExpertBank, activate, mlp_apply
 from moegpt.moe.sorted_experts import sorted_experts
 
 BUCKET_ROWS = 64
+# Inference on a handful of assignments (one generated token): running each assignment on its
+# expert's weights directly costs a few ops instead of a sort, a host sync and a loop over experts.
+DECODE_ROWS = 16
 
 
 def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank,
@@ -31,6 +34,8 @@ def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: Ex
     """y[n] = sum_j weight[n, j] * expert_{idx[n, j]}(x[n]); choices with idx -1 are skipped."""
     if backend == "loop":
         return _loop(x_NC, expert_idx_NK, weight_NK, bank)
+    if backend in ("sorted", "bucketed") and not torch.is_grad_enabled() and expert_idx_NK.numel() <= DECODE_ROWS:
+        return _few_assignments(x_NC, expert_idx_NK, weight_NK, bank)
     if backend not in _SORTED_BACKENDS:
         raise MoegptError(f"unknown dispatch backend {backend!r}; valid: loop, {', '.join(_SORTED_BACKENDS)}")
     return _sorted_dispatch(x_NC, expert_idx_NK, weight_NK, bank, backend)
@@ -46,6 +51,21 @@ def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> 
         y_NC = out.new_zeros(x_NC.shape[0], out.shape[-1]) if y_NC is None else y_NC
         y_NC = y_NC.index_add(0, tok, out)
     return y_NC
+
+
+def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
+    rows = []
+    for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK, strict=True)):
+        out = None
+        for j, e in enumerate(experts):
+            if e < 0:
+                continue
+            w_out = None if bank.w_out is None else bank.w_out[e]
+            y = mlp_apply(x_NC[n:n + 1], bank.w_in[e], w_out, bank.activation) * gates[j].to(x_NC.dtype)
+            out = y if out is None else out + y
+        rows.append(out if out is not None else x_NC.new_zeros(1, bank.w_in.shape[2] if bank.w_out is None
+                                                                  else bank.w_out.shape[2]))
+    return torch.cat(rows)
 
 
 def _padded_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank, sorted_e_M: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ Legend: B batch, T time, C width, N = B*T tokens, E experts, K choices per token
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,7 +15,7 @@ from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.experts import ExpertBank
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
-from moegpt.moe.stats import RouterStats
+from moegpt.moe.stats import RouterStats, router_losses_wanted
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float) -> int:
@@ -66,7 +67,11 @@ class TokenChoiceMoE(nn.Module):
 
     def router_logits(self, x_NC: Tensor) -> Tensor:
         """Router in fp32 whatever the autocast state: routing decisions must not flip with precision."""
-        with torch.autocast(device_type=x_NC.device.type, enabled=False):
+        device_type = x_NC.device.type
+        # entering an autocast context costs more than the router matmul of one generated token
+        ctx = torch.autocast(device_type=device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+            else contextlib.nullcontext()
+        with ctx:
             x = x_NC.float()
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
@@ -99,7 +104,10 @@ class TokenChoiceMoE(nn.Module):
         dropped_NK = self.capacity_dropped(idx_NK, B, T)
         dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
         y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
-        balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
+        if router_losses_wanted():
+            balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
+        else:
+            balance = z = seq_balance = logits_NE.new_zeros(())
         stats = RouterStats(
             balance=balance, z=z, seq_balance=seq_balance,
             n_expert=self.n_expert,

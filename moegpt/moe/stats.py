@@ -6,10 +6,30 @@ E experts, K choices per token (top-k; for expert-choice K = E with -1 padding),
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+_LOSSES_WANTED: ContextVar[bool] = ContextVar("moegpt_router_losses", default=True)
+
+
+@contextlib.contextmanager
+def router_losses_skipped() -> Iterator[None]:
+    """Inside this block routed layers report zero aux losses instead of computing them (generation
+    needs neither loss; skipping them removes a dozen small ops per layer per generated token)."""
+    token = _LOSSES_WANTED.set(False)
+    try:
+        yield
+    finally:
+        _LOSSES_WANTED.reset(token)
+
+
+def router_losses_wanted() -> bool:
+    return _LOSSES_WANTED.get()
 
 
 @dataclass
