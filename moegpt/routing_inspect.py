@@ -98,7 +98,7 @@ def _run_info(run: LoadedRun, path: str | Path) -> dict[str, Any]:
     cfg, best = run.config, run.state.get("best_val")
     return {"path": str(path), "checkpoint": str(run.checkpoint), "checkpoint_sha256": checkpoint_hash(run.checkpoint),
             "variant": cfg.moe.variant, "n_layer": cfg.model.n_layer, "moe_layers": run.model.moe_layers,
-            "n_expert": cfg.moe.n_expert, "top_k": cfg.moe.top_k,
+            "n_expert": cfg.moe.n_expert, "top_k": 1 if cfg.moe.variant == "switch" else cfg.moe.top_k,
             "capacity_factor": cfg.moe.resolved_capacity_factor(), "step": int(run.state.get("step", 0)),
             "best_val_ce": float(best) if best is not None and math.isfinite(float(best)) else None,
             "causal": is_causal_variant(cfg.moe.variant)}
