@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from moegpt.cli.main import app
@@ -15,14 +16,6 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("moegpt: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_params_topk_reports_total_and_active():

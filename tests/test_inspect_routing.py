@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import checkpoint_hash, resolve_checkpoint
@@ -43,12 +44,6 @@ def inspect(*args: str):
     return runner.invoke(app, ["inspect-routing", *map(str, args)])
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moegpt: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def snapshot(run: Path) -> dict[str, tuple[int, int]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint
@@ -34,12 +35,6 @@ def tiny_cfg(data_root: Path, runs_root: Path, **train):
     return resolve_config("tiny", sets=sets)
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moegpt: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
