@@ -85,8 +85,10 @@ class MoEConfig:
         """Routed experts a token runs through on average (for active-parameter accounting)."""
         if self.variant == "dense":
             return 1.0
-        if self.variant in ("basic", "soft"):
-            return float(self.n_expert) if self.variant == "basic" else float(self.slots_per_expert * self.n_expert)
+        if self.variant == "basic":
+            return float(self.n_expert)
+        if self.variant == "soft":  # slots per sequence; GPT.num_params divides by the context length
+            return float(self.slots_per_expert * self.n_expert)
         if self.variant == "switch":
             return 1.0
         if self.variant == "expert-choice":

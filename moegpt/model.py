@@ -115,8 +115,11 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_module)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        # projections that write into the residual stream: attention's c_proj and the FFNs' last
+        # matrix (w_out, or w_in for the single-matrix `linear` expert)
+        last_ffn = "w_in" if moe_cfg.activation == "linear" else "w_out"
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight") or name.endswith("w_out"):
+            if name.endswith("c_proj.weight") or name.endswith(last_ffn):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
 
     @staticmethod

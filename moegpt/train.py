@@ -234,8 +234,8 @@ class Trainer:
                         loss = loss * float("nan")
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
-                            f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopped before the optimizer "
-                            f"step, last good checkpoint: {manager.latest() or 'none'}")
+                            f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopped before the "
+                            f"optimizer step, last good checkpoint: {manager.latest() or 'none'}")
                     (loss / t.grad_accum).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):
