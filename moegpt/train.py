@@ -9,6 +9,7 @@ step), so the data position is just the step and a resumed run continues bit-ide
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -136,10 +137,27 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         with self._signal_handlers():
             try:
-                return self._run()
-            finally:
-                if self.dist.enabled and dist.is_initialized():
-                    dist.destroy_process_group()
+                summary = self._run()
+            except BaseException:
+                self._leave_process_group(clean=False)
+                raise
+            self._leave_process_group(clean=True)
+            return summary
+
+    def _leave_process_group(self, clean: bool) -> None:
+        """Tear down gloo/nccl only once every rank is done with it.
+
+        A rank that destroys the group (and exits) while its peer is still inside a collective or
+        still holds DDP's reducer can abort in gloo's teardown ("terminate called without an active
+        exception"). After a clean run every rank meets at a barrier first; after a failure a barrier
+        could wait forever on a rank that already died, so the group is destroyed directly.
+        """
+        if not (self.dist.enabled and dist.is_initialized()):
+            return
+        gc.collect()  # drop DDP wrappers and autograd graphs still tied to the group
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
 
     def _run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train

@@ -241,7 +241,7 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
            "-m", "moegpt.cli", *base_args(tiny_data, runs, "--name", "ddp", "--max-iters", "4",
                                           "--log-interval", "2", "--device", "cpu")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-3000:]}"
     records = [json.loads(line) for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss_ce" in r] == [2, 4]  # one writer, not two
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
