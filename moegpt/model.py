@@ -155,6 +155,9 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         mask = None if targets is None else targets != IGNORE_INDEX
+        if mask is not None and (not self.moe_layers or bool(mask.all())):
+            # no ignored targets (the usual batch): routers skip a boolean gather per loss term
+            mask = None
         stats = []
         for layer, block in enumerate(self.blocks):
             x, layer_stats = block(x, mask, cache, layer)

@@ -16,4 +16,4 @@ class BasicMoE(TokenChoiceMoE):
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
         N, E = logits_NE.shape
         idx_NE = torch.arange(E, device=logits_NE.device).expand(N, E)
-        return idx_NE, torch.softmax(logits_NE, dim=-1)
+        return idx_NE, self.softmax(logits_NE)

@@ -13,13 +13,15 @@ def _masked_rows(t: Tensor, mask_N: Tensor | None) -> Tensor:
     return t if mask_N is None else t[mask_N]
 
 
-def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor | None = None) -> Tensor:
+def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor | None = None,
+                        probs_NE: Tensor | None = None) -> Tensor:
     """Switch/GShard balance loss E * sum_i f_i * P_i; 1 when balanced, E when collapsed.
 
     f_i: fraction of the N*K assignments that went to expert i (no gradient, a count).
     P_i: mean over tokens of the FULL softmax over all E experts (the gradient path), so the loss
     has a router gradient even at K=1 (a top-k-renormalised P would be constant there).
-    Choices of -1 (no expert) are ignored in f.
+    Choices of -1 (no expert) are ignored in f. probs_NE, when given, is softmax(logits_NE) already
+    computed by the caller (all rows, before masking).
     """
     logits_NE = _masked_rows(logits_NE.float(), mask_N)
     idx_NK = _masked_rows(expert_idx_NK, mask_N)
@@ -29,7 +31,8 @@ def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor
     valid = idx_NK >= 0
     counts_E = torch.bincount(idx_NK[valid], minlength=n_expert).float()
     f_E = counts_E / valid.sum().clamp(min=1)
-    P_E = torch.softmax(logits_NE, dim=-1).mean(dim=0)
+    probs_NE = torch.softmax(logits_NE, dim=-1) if probs_NE is None else _masked_rows(probs_NE.float(), mask_N)
+    P_E = probs_NE.mean(dim=0)
     return n_expert * torch.sum(f_E * P_E)
 
 
