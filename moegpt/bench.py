@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from moegpt.config import ModelConfig, MoEConfig
+from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
 from moegpt.moe import build_ffn
 from moegpt.runtime import autocast
+from moegpt.train import build_optimizer
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
@@ -187,7 +188,7 @@ def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: 
     for name, moe_cfg in moe_cfgs.items():
         torch.manual_seed(0)
         model = GPT(model_cfg, moe_cfg).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-3), device)  # what `moegpt train` steps with
         params[name] = model.num_params()
 
         def run(model: GPT = model, optimizer: torch.optim.Optimizer = optimizer, moe_cfg: MoEConfig = moe_cfg):
