@@ -82,6 +82,17 @@ def _gather_rows_into(src_NX: Tensor, tok_n: Tensor, out_nX: Tensor) -> None:
     out_nX[n:].zero_()
 
 
+def _scatter_rows(rows_P: Tensor, tok_M: Tensor, counts_E: list[int], padded_E: list[int], n_tokens: int) -> Tensor:
+    """out[t] = sum of the rows whose assignment belongs to token t; padding rows are skipped."""
+    out = rows_P.new_zeros(n_tokens, rows_P.shape[1])
+    if padded_E == counts_E:
+        return out.index_add_(0, tok_M, rows_P)
+    for tok_n, rows in zip(tok_M.split(counts_E), rows_P.split(padded_E), strict=True):
+        if tok_n.numel():
+            out.index_add_(0, tok_n, rows[:tok_n.shape[0]])
+    return out
+
+
 def _padded_counts(counts_E: list[int], bucket: int) -> list[int]:
     return [-(-n // bucket) * bucket for n in counts_E]
 
@@ -106,22 +117,25 @@ class SortedExperts(torch.autograd.Function):
         xs_P = x_c.new_empty(n_rows, x_c.shape[1])
         h_P = x_c.new_empty(n_rows, w_in.shape[2])
         width = w_in.shape[2] if w_out is None else w_out.shape[2]
-        y = x_c.new_zeros(x_NC.shape[0], width)
+        # weighted outputs of every block, scattered to their tokens by one index_add at the end
+        # (one [M, C] index_add ran 2x faster than one per block)
+        out_P = x_c.new_empty(n_rows, width)
         w_in_E = w_in.to(compute_dtype).unbind(0)
         w_out_E = None if w_out is None else w_out.to(compute_dtype).unbind(0)
         gate_E = gate_M.to(compute_dtype).unsqueeze(1).split(counts_E)
         blocks = zip(tok_M.split(counts_E), xs_P.split(padded_E), h_P.split(padded_E), padded_E, strict=True)
+        out_E = out_P.split(padded_E)
         for e, (tok_n, xs, h, n_pad) in enumerate(blocks):
             if not n_pad:
                 continue
             _gather_rows_into(x_c, tok_n, xs)
             torch.mm(xs, w_in_E[e], out=h)
-            n = tok_n.shape[0]
-            if w_out_E is None:  # linear: h is the output, and it is saved: scale a copy
-                out = h[:n] * gate_E[e]
+            gate_n1 = _pad_rows(gate_E[e], n_pad)
+            if w_out_E is None:  # linear: h is the output, and it is saved: scale into the buffer
+                torch.mul(h, gate_n1, out=out_E[e])
             else:
-                out = (activate(h, activation) @ w_out_E[e])[:n].mul_(gate_E[e])
-            y.index_add_(0, tok_n, out)
+                torch.mm(activate(h, activation), w_out_E[e], out=out_E[e]).mul_(gate_n1)
+        y = _scatter_rows(out_P, tok_M, counts_E, padded_E, x_NC.shape[0])
         ctx.save_for_backward(gate_M, w_in, w_out, tok_M, xs_P, h_P)
         ctx.x_shape, ctx.x_dtype = x_NC.shape, x_NC.dtype
         ctx.counts_E, ctx.padded_E, ctx.activation, ctx.compute_dtype = counts_E, padded_E, activation, compute_dtype
@@ -132,7 +146,7 @@ class SortedExperts(torch.autograd.Function):
         gate_M, w_in, w_out, tok_M, xs_P, h_P = ctx.saved_tensors
         dtype, activation, counts_E, padded_E = ctx.compute_dtype, ctx.activation, ctx.counts_E, ctx.padded_E
         grad_y = grad_y_NC.to(dtype)
-        grad_x = grad_y.new_zeros(ctx.x_shape)
+        grad_xs_P = grad_y.new_empty(h_P.shape[0], ctx.x_shape[1])
         grad_gate = torch.empty_like(gate_M)  # every assignment belongs to exactly one block
         # experts with rows write their whole gradient slot; only idle experts need zeros
         grad_w_in = torch.empty_like(w_in)
@@ -147,6 +161,7 @@ class SortedExperts(torch.autograd.Function):
         grad_w_in_E = grad_w_in.unbind(0)
         grad_w_out_E = None if grad_w_out is None else grad_w_out.unbind(0)
         gate_E = gate_M.to(dtype).unsqueeze(1).split(counts_E)
+        grad_xs_E = grad_xs_P.split(padded_E)
         blocks = zip(tok_M.split(counts_E), xs_P.split(padded_E), h_P.split(padded_E), grad_gate.split(counts_E),
                      padded_E, strict=True)
         for e, (tok_n, xs, h, grad_gate_n, n_pad) in enumerate(blocks):
@@ -166,8 +181,8 @@ class SortedExperts(torch.autograd.Function):
                 _mm_into(a.t(), g * gate_n1, grad_w_out_E[e])
                 grad_h = _act_backward(grad_a.mul_(gate_n1), h, activation, silu_gate)
             _mm_into(xs.t(), grad_h, grad_w_in_E[e])
-            grad_x_n = grad_h @ w_in_t_E[e]  # on the padded rows: bucketing keeps matmul shapes repeating
-            grad_x.index_add_(0, tok_n, grad_x_n if n_pad == n else grad_x_n[:n])
+            torch.mm(grad_h, w_in_t_E[e], out=grad_xs_E[e])
+        grad_x = _scatter_rows(grad_xs_P, tok_M, counts_E, padded_E, ctx.x_shape[0])
         return grad_x.to(ctx.x_dtype), grad_gate, grad_w_in, grad_w_out, None, None, None, None, None
 
 
