@@ -74,6 +74,17 @@ def test_library_generate_method_and_seed_determinism():
     assert not torch.equal(a, c)
 
 
+def test_generated_tokens_can_feed_a_training_step():
+    """Generation runs under inference_mode; what it returns must still be an ordinary tensor."""
+    model = tiny_model("topk")
+    tokens = model.generate(torch.tensor([[1, 2, 3]]), 6, temperature=0)
+    assert not tokens.is_inference()
+    model.train()
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
 def test_captured_routing_matches_direct_forward():
     model = tiny_model("topk")
     gen = generate(model, torch.tensor([[2, 7, 1, 8]]), 8, temperature=0, capture_routing=True)
