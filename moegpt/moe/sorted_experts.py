@@ -3,9 +3,10 @@
 Why a hand-written backward: with plain autograd, E experts cost E chunks x (gather, matmul,
 activation, matmul) graph nodes, a torch.cat of the outputs, a stack of E weight gradients (unbind's
 backward) and a saved copy of every intermediate. Here one node walks the expert blocks, weight
-gradients land in their [E, ...] slot directly, and only x, the pre-activations and the row map are
-saved: the gathered inputs and activations are recomputed, and the expert outputs are never needed
-(the gate gradient is <a, dL/da_unweighted>).
+gradients land in their [E, ...] slot directly, and only the gathered inputs, the pre-activations and
+the row map are saved: activations are recomputed (keeping them too measured slower for the whole
+model: more memory traffic), and the expert outputs are never needed (the gate gradient is
+<a, dL/da_unweighted>).
 
 Bucketing (bf16 on CPU): each expert's row block is padded with zero rows up to a multiple of
 `bucket`, so matmul row counts come from a small set and oneDNN reuses its compiled primitives.
