@@ -145,7 +145,8 @@ class Trainer:
             try:
                 summary = self._run()
             except BaseException:
-                self._leave_process_group(clean=False)
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    self._leave_process_group(clean=False)
                 raise
             self._leave_process_group(clean=True)
             return summary
