@@ -66,10 +66,8 @@ def _pad_rows(t_nX: Tensor, n_pad: int) -> Tensor:
 
 def _gather_rows(src_NX: Tensor, tok_n: Tensor, n_pad: int) -> Tensor:
     """src rows of one block, zero-padded to n_pad rows."""
-    if n_pad == tok_n.shape[0]:
-        return src_NX.index_select(0, tok_n)
-    out = src_NX.new_zeros(n_pad, src_NX.shape[1])
-    torch.index_select(src_NX, 0, tok_n, out=out[:tok_n.shape[0]])
+    out = src_NX.new_empty(n_pad, src_NX.shape[1])
+    _gather_rows_into(src_NX, tok_n, out)
     return out
 
 
