@@ -24,29 +24,32 @@ IGNORE_INDEX = -1
 class KVCache:
     """Per-layer keys and values of the tokens seen so far.
 
-    Buffers [B, n_head, block_size, head_dim] are allocated on first use and filled in place, so a
-    generated token costs one write per layer instead of re-concatenating the whole cache.
+    One buffer per layer, [2, B, n_head, block_size, head_dim] (keys, then values), allocated on
+    first use and filled in place: a generated token costs one write per layer instead of
+    re-concatenating the whole cache, and keys and values travel together (fewer ops per token).
     """
 
-    keys: list[Tensor | None] = field(default_factory=list)
-    values: list[Tensor | None] = field(default_factory=list)
+    kv: list[Tensor | None] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         return self.lengths[0] if self.lengths else 0
 
-    def append(self, layer: int, k: Tensor, v: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-        """Store the new keys/values of `layer`; return all keys/values so far (views of the buffers)."""
-        if self.keys[layer] is None:
-            B, H, _, D = k.shape
-            self.keys[layer] = k.new_empty(B, H, capacity, D)
-            self.values[layer] = v.new_empty(B, H, capacity, D)
-        past, T = self.lengths[layer], k.shape[2]
-        self.keys[layer][:, :, past:past + T] = k
-        self.values[layer][:, :, past:past + T] = v
+    def start(self, n_layer: int) -> None:
+        if not self.kv:
+            self.kv, self.lengths = [None] * n_layer, [0] * n_layer
+
+    def append(self, layer: int, kv_2BHTD: Tensor, capacity: int) -> tuple[Tensor, ...]:
+        """Store the new keys/values of `layer`; return all keys and values so far (views of the buffer)."""
+        buf = self.kv[layer]
+        if buf is None:
+            _, B, H, _, D = kv_2BHTD.shape
+            buf = self.kv[layer] = kv_2BHTD.new_empty(2, B, H, capacity, D)
+        past, T = self.lengths[layer], kv_2BHTD.shape[3]
+        buf[:, :, :, past:past + T] = kv_2BHTD
         self.lengths[layer] = past + T
-        return self.keys[layer][:, :, :past + T], self.values[layer][:, :, :past + T]
+        return buf[:, :, :, :past + T].unbind(0)
 
 
 @dataclass
@@ -67,12 +70,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # [B, T, 3C] -> [3, B, n_head, T, head_dim] as one view: q, k, v without a split and six reshapes
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         past = 0
-        if cache is not None:
+        if cache is None:
+            q, k, v = qkv.unbind(0)
+        else:
             past = cache.lengths[layer]
-            k, v = cache.append(layer, k, v, self.block_size)
+            q = qkv[0]
+            k, v = cache.append(layer, qkv[1:], self.block_size)
         dropout = self.dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -82,8 +88,8 @@ class CausalSelfAttention(nn.Module):
             # new queries sit at positions past..past+T-1 and may see keys up to their own position
             allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(y) if self.dropout else y
 
 
 class Block(nn.Module):
@@ -99,7 +105,8 @@ class Block(nn.Module):
                 layer: int = 0) -> tuple[Tensor, RouterStats]:
         x = x + self.attn(self.ln_1(x), cache, layer)
         y, stats = self.ffn(self.ln_2(x), mask)
-        return x + self.ffn_dropout(y), stats
+        # an inactive Dropout still costs a module call per block per generated token
+        return x + (self.ffn_dropout(y) if self.ffn_dropout.p else y), stats
 
 
 class GPT(nn.Module):
@@ -149,11 +156,10 @@ class GPT(nn.Module):
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-        if cache is not None and not cache.keys:
-            n = len(self.blocks)
-            cache.keys, cache.values, cache.lengths = [None] * n, [None] * n, [0] * n
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        if cache is not None:
+            cache.start(len(self.blocks))
+        x = self.wte(idx) + self.wpe.weight[past:past + T]  # = wpe(arange(past, past + T)), one op cheaper
+        x = self.drop(x) if self.drop.p else x
         mask = None if targets is None else targets != IGNORE_INDEX
         if mask is not None and (not self.moe_layers or bool(mask.all())):
             # no ignored targets (the usual batch): routers skip a boolean gather per loss term

@@ -45,8 +45,10 @@ def test_bench_model_json_both_precisions():
 
 def test_bench_sample_json():
     out = run_json(["sample", "--preset", "tiny", "--new-tokens", "8", "--repeats", "1", "--device", "cpu"])
-    assert [row["mode"] for row in out["rows"]] == ["kv-cache", "recompute"]
+    assert [row["mode"] for row in out["rows"]] == ["kv-cache", "recompute", "recompute-crop"]
     assert out["speedup"] > 0 and all(row["tokens_per_s"] > 0 for row in out["rows"])
+    assert out["rows"][0]["cached_speedup"] == 1.0 and out["rows"][1]["cached_speedup"] == out["speedup"]
+    assert out["same_tokens"] is True
 
 
 def test_bench_quality_json(tiny_data):

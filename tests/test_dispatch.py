@@ -171,3 +171,23 @@ def test_grouped_rejects_widths_not_multiple_of_8():
     with pytest.raises(MoegptError, match="multiples of 8"):
         run_experts(torch.zeros(2, 12), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), bank,
                     "grouped")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("backend", ["sorted", "bucketed"])
+def test_inference_few_assignment_path_matches_reference(backend, rows, activation):
+    # without autograd, a handful of assignments (a generated token) takes the per-choice path of
+    # run_experts instead of the sort; it must give the reference's output, dropped slots included
+    gen = torch.Generator().manual_seed(rows)
+    bank = ExpertBank(E, C, H, activation)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    idx = make_idx("dropped", gen)[:rows]
+    idx[-1] = -1  # one token with every choice dropped
+    x = torch.randn(rows, C, generator=gen)
+    w = torch.rand(idx.shape, generator=gen)
+    with torch.inference_mode():
+        got = run_experts(x, idx, w, bank, backend)
+    torch.testing.assert_close(got, reference(x, idx, w, bank), atol=TOL, rtol=TOL)

@@ -54,18 +54,19 @@ def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> 
 
 
 def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
+    # Experts and gates as Python numbers (one host copy each; inference only, so no graph is lost):
+    # a gate then costs nothing, where a per-choice tensor gate costs an index, a cast and a multiply.
     rows = []
-    for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK, strict=True)):
-        out = None
-        for j, e in enumerate(experts):
+    for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK.tolist(), strict=True)):
+        x_1C = x_NC if x_NC.shape[0] == 1 else x_NC[n:n + 1]
+        y_1C = None
+        for e, gate in zip(experts, gates, strict=True):
             if e < 0:
                 continue
-            w_out = None if bank.w_out is None else bank.w_out[e]
-            y = mlp_apply(x_NC[n:n + 1], bank.w_in[e], w_out, bank.activation) * gates[j].to(x_NC.dtype)
-            out = y if out is None else out + y
-        rows.append(out if out is not None else x_NC.new_zeros(1, bank.w_in.shape[2] if bank.w_out is None
-                                                                  else bank.w_out.shape[2]))
-    return torch.cat(rows)
+            out_1C = mlp_apply(x_1C, bank.w_in[e], None if bank.w_out is None else bank.w_out[e], bank.activation)
+            y_1C = out_1C.mul_(gate) if y_1C is None else y_1C.add_(out_1C, alpha=gate)
+        rows.append(x_1C.new_zeros(1, bank.n_embd) if y_1C is None else y_1C)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _padded_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank, sorted_e_M: Tensor) -> Tensor:

@@ -17,6 +17,10 @@ from moegpt.moe.experts import ExpertBank
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
 from moegpt.moe.stats import RouterStats, router_losses_wanted
 
+# Below this many tokens (generation) the router takes the plain one-op layouts: the [E, N] layouts
+# below win only once the matmul and softmax have enough rows to amortise a transpose.
+SMALL_BATCH = 64
+
 
 def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float) -> int:
     return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_expert))
@@ -64,7 +68,9 @@ class TokenChoiceMoE(nn.Module):
         self.router = nn.Linear(C, self.n_expert, bias=False)
         hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)
         self.experts = ExpertBank(self.n_expert, C, hidden, moe_cfg.activation)
-        self._softmax_memo: tuple[Tensor, Tensor] | None = None
+        # tensors of the current forward shared between its steps (cleared when it ends). A dict, mutated in
+        # place: assigning a Module attribute goes through nn.Module.__setattr__, slow per generated token
+        self._forward_memo: dict[str, Tensor] = {}
 
     def router_logits(self, x_NC: Tensor) -> Tensor:
         """Router in fp32 whatever the autocast state: routing decisions must not flip with precision."""
@@ -73,21 +79,23 @@ class TokenChoiceMoE(nn.Module):
         ctx = torch.autocast(device_type=device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
             else contextlib.nullcontext()
         with ctx:
-            x = x_NC.float()
+            x, w = _fp32(x_NC), _fp32(self.router.weight)
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            if x.shape[0] < SMALL_BATCH:  # a generated token: one op
+                return torch.nn.functional.linear(x, w)
             # computed as [E, N] and viewed as [N, E]: the skinny matmul is faster this way round on CPU,
             # and expert_softmax then needs no transposing copy
-            return (self.router.weight.float() @ x.t()).t()
+            return (w @ x.t()).t()
 
     def softmax(self, logits_NE: Tensor) -> Tensor:
         """Softmax over experts of this forward's router logits, computed once for selection, the
         balance loss and the stats (each of which used to compute its own)."""
-        memo = self._softmax_memo
-        if memo is not None and memo[0] is logits_NE:
-            return memo[1]
-        probs_NE = expert_softmax(logits_NE)
-        self._softmax_memo = (logits_NE, probs_NE)
+        memo = self._forward_memo
+        if memo.get("logits_NE") is logits_NE:
+            return memo["probs_NE"]
+        probs_NE = memo["probs_NE"] = expert_softmax(logits_NE)
+        memo["logits_NE"] = logits_NE
         return probs_NE
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,7 +121,7 @@ class TokenChoiceMoE(nn.Module):
         try:
             return self._routed_forward(x, mask)
         finally:
-            self._softmax_memo = None  # never keep a graph alive past the forward
+            self._forward_memo.clear()  # never keep a graph alive past the forward
 
     def _routed_forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, RouterStats]:
         B, T, C = x.shape
@@ -130,11 +138,11 @@ class TokenChoiceMoE(nn.Module):
         stats = RouterStats(
             balance=balance, z=z, seq_balance=seq_balance,
             n_expert=self.n_expert,
-            expert_idx_NK=idx_NK.detach(),
-            expert_weight_NK=(weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0)).detach(),
-            dropped_NK=None if dropped_NK is None else dropped_NK.detach(),
-            router_probs_NE=self.router_probs(logits_NE).detach(),
-            router_logits_NE=logits_NE.detach(),
+            expert_idx_NK=idx_NK,
+            expert_weight_NK=_detached(weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0)),
+            dropped_NK=dropped_NK,
+            router_probs_NE=_detached(self.router_probs(logits_NE)),
+            router_logits_NE=_detached(logits_NE),
         )
         return y_NC.reshape(B, T, -1), stats
 
@@ -145,11 +153,21 @@ class TokenChoiceMoE(nn.Module):
         return self.router.weight.numel() + self.top_k * self.experts.params_per_expert
 
 
+def _fp32(t: Tensor) -> Tensor:
+    # .float() on an fp32 tensor returns it unchanged but is still an op call (a generated token makes ~10)
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _detached(t: Tensor) -> Tensor:
+    # a detach is an op; under no_grad/inference_mode (generation) there is nothing to detach from
+    return t.detach() if t.requires_grad else t
+
+
 def expert_softmax(logits_NE: Tensor) -> Tensor:
     """Softmax over the expert dimension. On CPU torch's softmax over a short last dimension runs
     ~10x slower than over the first dimension of the transposed layout (160 us vs 12 us for
     [2048, 8] here), so it is computed as [E, N] and returned as a [N, E] view."""
-    if logits_NE.device.type != "cpu" or logits_NE.shape[0] < 64:  # a few rows (decoding): one op is cheaper
+    if logits_NE.device.type != "cpu" or logits_NE.shape[0] < SMALL_BATCH:  # a few rows: one op is cheaper
         return torch.softmax(logits_NE, dim=-1)
     return torch.softmax(logits_NE.t().contiguous(), dim=0).t()
 

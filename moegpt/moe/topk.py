@@ -23,14 +23,13 @@ class NoisyTopKMoE(TokenChoiceMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg)
         self.noise = nn.Linear(model_cfg.n_embd, self.n_expert, bias=False)
-        self._noisy_logits: Tensor | None = None
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
             with torch.autocast(device_type=x_NC.device.type, enabled=False):
                 noise_std = F.softplus(x_NC.float() @ self.noise.weight.float().t())
             logits_NE = logits_NE + torch.randn_like(logits_NE) * noise_std
-        self._noisy_logits = logits_NE
+        self._forward_memo["noisy_logits_NE"] = logits_NE
         kept_NK, idx_NK = torch.topk(logits_NE, self.top_k, dim=-1)
         return idx_NK, torch.softmax(kept_NK, dim=-1)
 
@@ -38,16 +37,11 @@ class NoisyTopKMoE(TokenChoiceMoE):
         # P comes from the logits that drove selection (noisy in training), so the balance loss
         # sees the routing the experts saw; the z-loss stays on the clean logits.
         balance, z, seq = super().router_losses(logits_NE, idx_NK, mask_BT, B, T)
-        if self._noisy_logits is not None:
+        noisy_logits_NE = self._forward_memo.get("noisy_logits_NE")
+        if noisy_logits_NE is not None:
             mask_N = None if mask_BT is None else mask_BT.reshape(-1)
-            balance = switch_balance_loss(self._noisy_logits, idx_NK, mask_N)
+            balance = switch_balance_loss(noisy_logits_NE, idx_NK, mask_N)
         return balance, z, seq
-
-    def forward(self, x: Tensor, mask: Tensor | None = None):
-        try:
-            return self.routed_forward(x, mask)
-        finally:
-            self._noisy_logits = None
 
     def active_params(self, block_size: int) -> int:
         return super().active_params(block_size) + self.noise.weight.numel()
