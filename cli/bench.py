@@ -81,8 +81,9 @@ def bench_layer_command(
 ) -> None:
     """One MoE layer (topk, SwiGLU) fwd+bwd per dispatch backend vs a dense FFN of equal active FLOPs.
 
-    Prints ms, ratio to dense, GF/s, fraction of the matmul peak measured in the same run, and the
-    activation memory autograd keeps for backward relative to dense.
+    Prints the median ms, the ratio to dense (median over rounds of the ratio within a round: cases run
+    interleaved), GF/s, fraction of the matmul peak measured in the same run, and the activation memory
+    autograd keeps for backward relative to dense.
     """
     check_format(fmt)
     pairs = []
@@ -126,7 +127,10 @@ def bench_model_command(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
     fmt: Format = "table", device: Device = "auto",
 ) -> None:
-    """Training tokens/s (fwd+bwd+AdamW) of the preset's model, MoE vs dense at equal active params."""
+    """Training tokens/s (fwd+bwd+AdamW) of the preset's model, MoE vs dense at equal active params.
+
+    Models step in turn on the same batches; ratio_to_first is the median over rounds of the first model's
+    step time over this model's (with --precision both: the ratio of the medians)."""
     check_format(fmt)
     names = name_list(variants, list(VARIANTS), "variant")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
@@ -147,9 +151,10 @@ def bench_model_command(
         result = bench_model(cfg.model, moe_cfgs, dev, batch_size=cfg.train.batch_size, steps=steps,
                              precision=prec, tokens=tokens)
         rows += result["rows"]
-    baseline = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
+    if len(precisions) > 1:  # rows of separate runs: no paired ratio across them, so medians' ratio
+        baseline = rows[0]["tokens_per_s"]
+        for row in rows:
+            row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
     render({**result, "precision": precision, "data": "stdlib" if tokens is not None else "random", "rows": rows},
            fmt, "moegpt bench model (training step, median)",
            ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"])

@@ -47,9 +47,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                        device: torch.device) -> dict[str, float]:
-    """Median seconds per case; each repeat runs every case once, so drift hits all cases alike."""
+def interleaved_times(cases: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds of every run per case; each repeat (round) runs every case once, so drift hits all alike."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -62,7 +62,19 @@ def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warm
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(cases: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median seconds per case, measured by `interleaved_times`."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(cases, repeats, warmup, device).items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator[i] / denominator[i]: a ratio of runs made seconds apart, steadier on a
+    shared machine than the ratio of two medians (a slow spell inflates both runs of its round alike)."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
@@ -106,8 +118,8 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 def _layer_timings(case: LayerCase, backends: list[str], device: torch.device, precision: str, repeats: int,
-                   warmup: int, activation: str) -> tuple[dict[str, float], dict[str, int]]:
-    """Median fwd+bwd seconds and saved-activation bytes of the dense FFN and each backend for one case."""
+                   warmup: int, activation: str) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """fwd+bwd seconds of every run and saved-activation bytes of the dense FFN and each backend for one case."""
     model_cfg = ModelConfig(n_embd=case.d_model, n_head=1, n_layer=1)
     layers = {"dense": build_ffn(model_cfg, MoEConfig(variant="dense", activation=activation), 0)}
     for backend in backends:
@@ -138,9 +150,9 @@ def _layer_timings(case: LayerCase, backends: list[str], device: torch.device, p
                 return layer(x)[0]
         return run
 
-    medians = interleaved_medians({name: step(layer) for name, layer in layers.items()}, repeats, warmup, device)
+    times = interleaved_times({name: step(layer) for name, layer in layers.items()}, repeats, warmup, device)
     memory = {name: saved_activation_bytes(forward_only(layer)) for name, layer in layers.items()}
-    return medians, memory
+    return times, memory
 
 
 def bench_layer(cases: list[LayerCase], backends: list[str], device: torch.device, precision: str = "fp32",
@@ -152,12 +164,13 @@ def bench_layer(cases: list[LayerCase], backends: list[str], device: torch.devic
     for case in cases:
         if progress:
             progress(f"N={case.n_tokens} d={case.d_model} E={case.n_expert} k={case.top_k}")
-        medians, memory = _layer_timings(case, backends, device, precision, repeats, warmup, activation)
+        times, memory = _layer_timings(case, backends, device, precision, repeats, warmup, activation)
         flops = _ffn_flops(case.n_tokens, case.d_model, 4 * case.d_model, activation)
-        for name, seconds in medians.items():
+        for name, runs in times.items():
+            seconds = statistics.median(runs)
             rows.append({"n_tokens": case.n_tokens, "d_model": case.d_model, "n_expert": case.n_expert,
                          "top_k": case.top_k, "impl": name, "ms": round(seconds * 1e3, 3),
-                         "ratio_to_dense": round(seconds / medians["dense"], 3),
+                         "ratio_to_dense": round(paired_ratio(runs, times["dense"]), 3),
                          "gflops": round(flops / seconds / 1e9, 1),
                          "frac_of_peak": round(flops / seconds / 1e9 / peak, 3),
                          "activation_mb": round(memory[name] / 2**20, 2),
@@ -199,10 +212,11 @@ def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         runs[name] = run
-    medians = interleaved_medians(runs, steps, warmup, device)
-    base = next(iter(medians))
+    times = interleaved_times(runs, steps, warmup, device)
+    base = next(iter(times))
+    medians = {name: statistics.median(runs) for name, runs in times.items()}
     rows = [{"model": name, "ms_per_step": round(s * 1e3, 2), "tokens_per_s": round(batch_size * T / s, 1),
-             "ratio_to_first": round(medians[base] / s, 3), "total_params": params[name]["total"],
+             "ratio_to_first": round(paired_ratio(times[base], times[name]), 3), "total_params": params[name]["total"],
              "active_params": params[name]["active"]} for name, s in medians.items()]
     return {"machine": machine_info(device), "precision": precision, "batch_size": batch_size,
             "block_size": T, "rows": rows}
