@@ -52,6 +52,32 @@ class KVCache:
         return buf[:, :, :, :past + T].unbind(0)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) with a faster path for a generated token on CPU.
+
+    For a few rows without autograd, MKL's matrix-vector product ran 2-3.5x faster here with the weight
+    laid out [in, out] than with nn.Linear's [out, in] (lm_head 2048x128: 29 vs 103 us; c_attn 384x128:
+    12 vs 24 us), so such calls multiply by a transposed copy of the weight. The copy is keyed by the
+    weight's storage and in-place version: any update (optimizer step, load_state_dict, .to()) rebuilds it.
+    """
+
+    FEW_ROWS = 8
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() > self.FEW_ROWS * self.in_features:
+            return super().forward(x)
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        cached = self.__dict__.get("_weight_in_out")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor even under inference_mode
+                cached = (key, weight.t().contiguous())
+            self.__dict__["_weight_in_out"] = cached  # a plain attribute: not a parameter, not in state_dict
+        if self.bias is None:
+            return x @ cached[1]
+        return torch.addmm(self.bias, x.reshape(-1, self.in_features), cached[1]).view(*x.shape[:-1], -1)
+
+
 @dataclass
 class GPTOutput:
     logits: Tensor
@@ -63,8 +89,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_embd, self.block_size = cfg.n_head, cfg.n_embd, cfg.block_size
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -118,7 +144,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_module)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)

@@ -191,3 +191,29 @@ def test_inference_few_assignment_path_matches_reference(backend, rows, activati
     with torch.inference_mode():
         got = run_experts(x, idx, w, bank, backend)
     torch.testing.assert_close(got, reference(x, idx, w, bank), atol=TOL, rtol=TOL)
+
+
+def test_inference_path_follows_weight_updates():
+    # the per-expert views it caches must see in-place updates (optimizer steps, load_state_dict)
+    # and be rebuilt when a weight gets new storage (.to(), assigning .data)
+    gen = torch.Generator().manual_seed(0)
+    bank = ExpertBank(E, C, H, "swiglu")
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(1, C, generator=gen)
+    idx, w = torch.tensor([[1, 3]]), torch.tensor([[0.6, 0.4]])
+
+    def decode() -> torch.Tensor:
+        with torch.inference_mode():
+            return run_experts(x, idx, w, bank, "sorted")
+
+    decode()
+    with torch.no_grad():
+        bank.w_out.mul_(2.0)
+    torch.testing.assert_close(decode(), reference(x, idx, w, bank), atol=TOL, rtol=TOL)
+    bank.w_in.data = bank.w_in.data.clone() * -1.0
+    torch.testing.assert_close(decode(), reference(x, idx, w, bank), atol=TOL, rtol=TOL)
+    with torch.no_grad():  # used outside inference_mode too (plain no_grad evaluation)
+        torch.testing.assert_close(run_experts(x, idx, w, bank, "sorted"), reference(x, idx, w, bank),
+                                   atol=TOL, rtol=TOL)

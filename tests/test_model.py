@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.model import GPT, IGNORE_INDEX, KVCache, aux_losses
+from moegpt.model import GPT, IGNORE_INDEX, KVCache, Linear, aux_losses
 from moegpt.moe import VARIANTS
 from moegpt.moe.dense import DenseFFN
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
@@ -155,6 +155,38 @@ def test_kv_cache_matches_a_full_forward(variant):
             parts.append(model(idx[:, t:t + 1], cache=cache, all_logits=True).logits)
         assert cache.length == 14
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_row_path_equals_nn_linear_and_follows_weight_updates(bias):
+    # without autograd, a few rows multiply a cached [in, out] copy of the weight; it must give
+    # nn.Linear's result and never go stale when the weight changes in place or gets new storage
+    torch.manual_seed(0)
+    fast, plain = Linear(16, 24, bias=bias), torch.nn.Linear(16, 24, bias=bias)
+    plain.load_state_dict(fast.state_dict())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 1, 16)
+
+    def check() -> None:
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), plain(x), atol=1e-6, rtol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), plain(x), atol=1e-6, rtol=1e-6)
+
+    check()
+    with torch.no_grad():
+        for m in (fast, plain):
+            m.weight.mul_(-2.0)  # in place, as an optimizer step
+    check()
+    new_state = {k: torch.randn_like(v) for k, v in plain.state_dict().items()}
+    for m in (fast, plain):
+        m.load_state_dict(new_state)
+    check()
+    fast.weight.data = fast.weight.data.clone()  # new storage, same values
+    check()
+    out = fast(x)  # with autograd: nn.Linear's own path, gradients flow
+    out.sum().backward()
+    assert fast.weight.grad is not None
 
 
 def test_kv_cache_respects_block_size():

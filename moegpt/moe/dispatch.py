@@ -56,16 +56,29 @@ def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> 
 def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
     # Experts and gates as Python numbers (one host copy each; inference only, so no graph is lost):
     # a gate then costs nothing, where a per-choice tensor gate costs an index, a cast and a multiply.
+    # A row's output is sum_j gate_j * (a_j @ w_out[e_j]): the first product and gate come from one mm,
+    # the next are accumulated by addmm (beta scales what is there, alpha the new product).
+    w_in_E, w_out_E = bank.expert_views()
     rows = []
     for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK.tolist(), strict=True)):
         x_1C = x_NC if x_NC.shape[0] == 1 else x_NC[n:n + 1]
-        y_1C = None
+        y_1C, y_scale = None, 1.0  # y_scale: the gate y_1C still has to be multiplied by
         for e, gate in zip(experts, gates, strict=True):
             if e < 0:
                 continue
-            out_1C = mlp_apply(x_1C, bank.w_in[e], None if bank.w_out is None else bank.w_out[e], bank.activation)
-            y_1C = out_1C.mul_(gate) if y_1C is None else y_1C.add_(out_1C, alpha=gate)
-        rows.append(x_1C.new_zeros(1, bank.n_embd) if y_1C is None else y_1C)
+            if w_out_E is None:  # linear: the expert is its one matmul
+                a_1X, w_XC = x_1C, w_in_E[e]
+            else:
+                a_1X, w_XC = activate(x_1C @ w_in_E[e], bank.activation), w_out_E[e]
+            if y_1C is None:
+                y_1C, y_scale = a_1X @ w_XC, gate
+            else:
+                y_1C, y_scale = torch.addmm(y_1C, a_1X, w_XC, beta=y_scale, alpha=gate), 1.0
+        if y_1C is None:
+            y_1C = x_1C.new_zeros(1, bank.n_embd)
+        elif y_scale != 1.0:
+            y_1C = y_1C.mul_(y_scale)
+        rows.append(y_1C)
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

@@ -56,6 +56,18 @@ class ExpertBank(nn.Module):
         self.w_in = nn.Parameter(torch.empty(n_expert, n_embd, in_width(activation, n_embd, hidden)))
         self.w_out = None if activation == "linear" else nn.Parameter(torch.empty(n_expert, hidden, n_embd))
 
+    def expert_views(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+        """Per-expert views (w_in[e], w_out[e]) for inference, made once per weight storage: indexing a
+        weight per generated token and choice costs an op each. Only for use without autograd."""
+        key = (self.w_in.data_ptr(), None if self.w_out is None else self.w_out.data_ptr())
+        cached = self.__dict__.get("_expert_views")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                views = (self.w_in.unbind(0), None if self.w_out is None else self.w_out.unbind(0))
+            cached = (key, views)
+            self.__dict__["_expert_views"] = cached  # a plain attribute: never a parameter or state
+        return cached[1]
+
     @property
     def params_per_expert(self) -> int:
         return self.w_in[0].numel() + (0 if self.w_out is None else self.w_out[0].numel())
