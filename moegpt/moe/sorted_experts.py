@@ -165,17 +165,16 @@ class SortedExperts(torch.autograd.Function):
         grad_w_out_E = None if grad_w_out is None else grad_w_out.unbind(0)
         gate_E = gate_M.to(dtype).unsqueeze(1).split(counts_E)
         grad_xs_E = grad_xs_P.split(padded_E)
-        # dL/d(weighted expert output) of every row: one gather for all blocks when none is padded
-        grad_out_P = grad_y.index_select(0, tok_M) if padded_E == counts_E else None
         blocks = zip(tok_M.split(counts_E), xs_P.split(padded_E), h_P.split(padded_E), grad_gate.split(counts_E),
                      padded_E, strict=True)
-        grad_out_E = grad_out_P.split(counts_E) if grad_out_P is not None else None
         for e, (tok_n, xs, h, grad_gate_n, n_pad) in enumerate(blocks):
             if not n_pad:
                 continue
             n = tok_n.shape[0]
             gate_n1 = _pad_rows(gate_E[e], n_pad)
-            g = grad_out_E[e] if grad_out_E is not None else _gather_rows(grad_y, tok_n, n_pad)
+            # dL/d(weighted expert output), gathered per block: one gather of all rows measured ~4% slower
+            # at E=64 (a fresh [M, C] buffer per step instead of block-sized ones the allocator reuses)
+            g = _gather_rows(grad_y, tok_n, n_pad)
             if w_out_t_E is None:
                 grad_gate_n.copy_(torch.linalg.vecdot(h[:n], g[:n]))
                 grad_h = g * gate_n1
