@@ -127,7 +127,8 @@ def bench_model_command(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
     fmt: Format = "table", device: Device = "auto",
 ) -> None:
-    """Training tokens/s (fwd+bwd+AdamW) of the preset's model, MoE vs dense at equal active params.
+    """Training tokens/s (fwd+bwd+clip+AdamW, as `moegpt train` steps) of the preset's model, MoE vs dense at
+    equal active params.
 
     Models step in turn on the same batches; ratio_to_first is the median over rounds of the first model's
     step time over this model's (with --precision both: the ratio of the medians)."""

@@ -188,7 +188,8 @@ def equal_active_moe(variant: str, base: MoEConfig) -> MoEConfig:
 def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
                 batch_size: int = 16, steps: int = 10, warmup: int = 3, precision: str = "fp32",
                 tokens: torch.Tensor | None = None) -> dict[str, Any]:
-    """Training tokens/s (fwd+bwd+AdamW) per model, interleaved step by step on the same batches."""
+    """Training tokens/s (fwd+bwd+clip+AdamW, as the trainer steps) per model, interleaved step by step on the
+    same batches."""
     gen = torch.Generator().manual_seed(0)
     T = model_cfg.block_size
     if tokens is None:
@@ -201,14 +202,18 @@ def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: 
     for name, moe_cfg in moe_cfgs.items():
         torch.manual_seed(0)
         model = GPT(model_cfg, moe_cfg).to(device)
-        optimizer = build_optimizer(model, TrainConfig(lr=1e-3), device)  # what `moegpt train` steps with
+        train_cfg = TrainConfig(lr=1e-3)
+        optimizer = build_optimizer(model, train_cfg, device)  # what `moegpt train` steps with
         params[name] = model.num_params()
 
-        def run(model: GPT = model, optimizer: torch.optim.Optimizer = optimizer, moe_cfg: MoEConfig = moe_cfg):
+        def run(model: GPT = model, optimizer: torch.optim.Optimizer = optimizer, moe_cfg: MoEConfig = moe_cfg,
+                clip: float = train_cfg.grad_clip or float("inf")):
             with autocast(device, precision):
                 out = model(x, y)
                 loss = out.loss + aux_losses(out.router_stats, moe_cfg)["total"]
             loss.backward()
+            # the trainer clips by default; its cost grows with total (not active) parameters
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         runs[name] = run
