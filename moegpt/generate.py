@@ -311,11 +311,13 @@ def benchmark_generation(model: GPT, prompt_ids: Tensor | Sequence[int], new_tok
     """Greedy generation of `new_tokens` three ways, in this process: with the KV cache; with full
     recomputation of the same window (same tokens: the fair comparison); and recomputing nanoGPT's way,
     always the last block_size tokens (differs only past block_size). Per mode the best-of-`repeats`
-    seconds and tokens/s; `speedup` = cached / recompute of the best runs; whether cached and
-    recompute produced the same tokens (they should for causal, drop-free models).
+    seconds and tokens/s, and whether cached and recompute produced the same tokens (they should for
+    causal, drop-free models).
 
     The modes alternate (cached, recompute, crop, cached, ...) so that a slow spell of a shared machine
-    hits all alike; `speedup_median` is the median over repeats of the ratio within one round."""
+    hits all alike. `speedup` (and `speedup_vs_crop`) is the median over rounds of the ratio within a
+    round, as `moegpt bench layer|model` report ratios; `speedup_best` is the ratio of the best runs.
+    """
     if repeats < 1 or new_tokens < 1:
         raise ValueError(f"repeats and new_tokens must be >= 1 (got {repeats}, {new_tokens})")
     if not model_is_causal(model):
@@ -339,9 +341,8 @@ def benchmark_generation(model: GPT, prompt_ids: Tensor | Sequence[int], new_tok
     for name, runs in seconds.items():
         results[f"{name}_s"] = min(runs)
         results[f"{name}_tokens_per_s"] = produced / min(runs)
-    results["speedup"] = results["cached_tokens_per_s"] / results["recompute_tokens_per_s"]
-    results["speedup_median"] = statistics.median(
-        r / c for c, r in zip(seconds["cached"], seconds["recompute"], strict=True))
-    results["speedup_vs_crop"] = results["cached_tokens_per_s"] / results["recompute_crop_tokens_per_s"]
+    for name, key in (("recompute", "speedup"), ("recompute_crop", "speedup_vs_crop")):
+        results[key] = statistics.median(r / c for c, r in zip(seconds["cached"], seconds[name], strict=True))
+    results["speedup_best"] = results["cached_tokens_per_s"] / results["recompute_tokens_per_s"]
     results["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["recompute"]))
     return results

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
+from moegpt.bench import interleaved_times, paired_ratio
 from moegpt.cli.main import app
 
 runner = CliRunner()
@@ -18,6 +20,20 @@ def run_json(args: list[str]) -> dict:
     result = runner.invoke(app, ["bench", *args, "--format", "json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # round 2 ran in a slow spell for both cases: the paired ratio ignores it, a ratio of medians would not
+    assert paired_ratio([2.0, 40.0, 6.0], [1.0, 20.0, 2.0]) == 2.0
+    assert paired_ratio([1.0, 3.0], [1.0, 1.0]) == 2.0  # even count: mean of the middle two
+
+
+def test_interleaved_times_runs_every_case_once_per_round():
+    order: list[str] = []
+    times = interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3,
+                              warmup=1, device=torch.device("cpu"))
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up, then rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
 def test_bench_layer_json():
@@ -47,7 +63,8 @@ def test_bench_sample_json():
     out = run_json(["sample", "--preset", "tiny", "--new-tokens", "8", "--repeats", "1", "--device", "cpu"])
     assert [row["mode"] for row in out["rows"]] == ["kv-cache", "recompute", "recompute-crop"]
     assert out["speedup"] > 0 and all(row["tokens_per_s"] > 0 for row in out["rows"])
-    assert out["rows"][0]["cached_speedup"] == 1.0 and out["rows"][1]["cached_speedup"] == out["speedup"]
+    assert out["rows"][0]["kv_cache_speedup"] == 1.0 and out["rows"][1]["kv_cache_speedup"] == out["speedup"]
+    assert out["speedup_best"] > 0
     assert out["same_tokens"] is True
 
 
