@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from moegpt.moe.stats import router_losses_skipped
+from moegpt.moe.stats import generating
 
 if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here would be a cycle
     from moegpt.model import GPT
@@ -218,7 +218,7 @@ def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), router_losses_skipped():
+        with torch.inference_mode(), generating():
             yield from _loop(model, seq_BL, T0, max_new_tokens, block, keep, cached, capture_routing,
                              temperature, top_k, top_p, generator)
     finally:

@@ -89,3 +89,13 @@ def test_softmax_topk_weights():
     torch.testing.assert_close(w, probs[:, :2])
     idx, w = softmax_topk(logits, 2, normalize=True)
     torch.testing.assert_close(w, probs[:, :2] / probs[:, :2].sum())
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 500])  # both sides of the few-rows form (softmax of top-k logits)
+def test_softmax_topk_renormalised_matches_the_definition(rows):
+    logits = torch.randn(rows, 8, generator=torch.Generator().manual_seed(rows)) * 3
+    idx, w = softmax_topk(logits, 3, normalize=True)
+    probs = torch.softmax(logits, -1)
+    want_w, want_idx = torch.topk(probs, 3, dim=-1)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w, want_w / want_w.sum(-1, keepdim=True))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.experts import ExpertBank
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
-from moegpt.moe.stats import RouterStats, router_losses_wanted
+from moegpt.moe.stats import RouterStats, is_generating
 
 # Below this many tokens (generation) the router takes the plain one-op layouts: the [E, N] layouts
 # below win only once the matmul and softmax have enough rows to amortise a transpose.
@@ -131,17 +132,18 @@ class TokenChoiceMoE(nn.Module):
         dropped_NK = self.capacity_dropped(idx_NK, B, T)
         dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
         y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
-        if router_losses_wanted():
-            balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
-        else:
+        generating = is_generating()
+        if generating:
             balance = z = seq_balance = logits_NE.new_zeros(())
+        else:
+            balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
         stats = RouterStats(
             balance=balance, z=z, seq_balance=seq_balance,
             n_expert=self.n_expert,
             expert_idx_NK=idx_NK,
             expert_weight_NK=_detached(weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0)),
             dropped_NK=dropped_NK,
-            router_probs_NE=_detached(self.router_probs(logits_NE)),
+            router_probs_NE=None if generating else _detached(self.router_probs(logits_NE)),
             router_logits_NE=_detached(logits_NE),
         )
         return y_NC.reshape(B, T, -1), stats
@@ -173,11 +175,16 @@ def expert_softmax(logits_NE: Tensor) -> Tensor:
 
 
 def softmax_topk(logits_NE: Tensor, k: int, normalize: bool,
-                 probs_NE: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Top-k of the softmax (given, or computed here); renormalised over the k kept experts when `normalize`."""
-    if probs_NE is None:
-        probs_NE = expert_softmax(logits_NE)
-    weight_NK, idx_NK = torch.topk(probs_NE, k, dim=-1)
+                 softmax: Callable[[Tensor], Tensor] = expert_softmax) -> tuple[Tensor, Tensor]:
+    """Top-k of the softmax over experts (computed by `softmax`, e.g. a layer's memo); renormalised
+    over the k kept experts when `normalize`."""
+    if normalize and logits_NE.shape[0] < SMALL_BATCH:
+        # renormalised top-k of a softmax == softmax of the top-k logits: two ops instead of four, and no
+        # full softmax (a generated token; for many rows the full one is computed anyway for the balance
+        # loss, and a softmax over a short last dimension is slow on CPU, so the other form wins there)
+        kept_NK, idx_NK = torch.topk(logits_NE, k, dim=-1)
+        return idx_NK, torch.softmax(kept_NK, dim=-1)
+    weight_NK, idx_NK = torch.topk(softmax(logits_NE), k, dim=-1)
     if normalize:
         weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
     return idx_NK, weight_NK

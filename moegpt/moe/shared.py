@@ -22,7 +22,7 @@ class SharedExpertMoE(TokenChoiceMoE):
             if self.n_shared > 0 else None
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
-        return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax(logits_NE))
+        return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         routed, stats = self.routed_forward(x, mask)

@@ -14,22 +14,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-_LOSSES_WANTED: ContextVar[bool] = ContextVar("moegpt_router_losses", default=True)
+_GENERATING: ContextVar[bool] = ContextVar("moegpt_generating", default=False)
 
 
 @contextlib.contextmanager
-def router_losses_skipped() -> Iterator[None]:
-    """Inside this block routed layers report zero aux losses instead of computing them (generation
-    needs neither loss; skipping them removes a dozen small ops per layer per generated token)."""
-    token = _LOSSES_WANTED.set(False)
+def generating() -> Iterator[None]:
+    """Inside this block routed layers skip what only training and routing reports read: aux losses
+    (reported as zero) and the full router probabilities (None). Generation uses neither, and each
+    costs several small ops per layer per generated token."""
+    token = _GENERATING.set(True)
     try:
         yield
     finally:
-        _LOSSES_WANTED.reset(token)
+        _GENERATING.reset(token)
 
 
-def router_losses_wanted() -> bool:
-    return _LOSSES_WANTED.get()
+def is_generating() -> bool:
+    return _GENERATING.get()
 
 
 @dataclass

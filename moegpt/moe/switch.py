@@ -16,4 +16,4 @@ class SwitchMoE(TokenChoiceMoE):
         super().__init__(model_cfg, moe_cfg, top_k=1)
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
-        return softmax_topk(logits_NE, 1, normalize=False, probs_NE=self.softmax(logits_NE))
+        return softmax_topk(logits_NE, 1, normalize=False, softmax=self.softmax)

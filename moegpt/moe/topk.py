@@ -16,7 +16,7 @@ from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
 
 class TopKMoE(TokenChoiceMoE):
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
-        return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax(logits_NE))
+        return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax)
 
 
 class NoisyTopKMoE(TokenChoiceMoE):
