@@ -5,7 +5,7 @@ and gradients). Legend: N tokens, K choices per token, C width, E experts, M = k
 
 - loop:    reference, HF-style: for each expert, find its tokens, run, index_add.
 - sorted:  default: one argsort of the N*K assignments, then every expert's contiguous row block through
-           one hand-written autograd node (moe/sorted_experts.py), one index_add back.
+           one hand-written autograd node (moe/sorted_experts.py), index_add back per block.
 - bucketed: sorted, with each expert's block padded with zero rows to a multiple of 64, so matmul
            shapes repeat across steps (what bf16 on CPU needs: oneDNN compiles a primitive per shape).
 - padded:  sorted, then a capacity-bounded [E, max_count, C] buffer and batched matmuls (static

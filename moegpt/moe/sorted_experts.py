@@ -3,10 +3,11 @@
 Why a hand-written backward: with plain autograd, E experts cost E chunks x (gather, matmul,
 activation, matmul) graph nodes, a torch.cat of the outputs, a stack of E weight gradients (unbind's
 backward) and a saved copy of every intermediate. Here one node walks the expert blocks, weight
-gradients land in their [E, ...] slot directly, and only the gathered inputs, the pre-activations and
-the row map are saved: activations are recomputed (keeping them too measured slower for the whole
-model: more memory traffic), and the expert outputs are never needed (the gate gradient is
-<a, dL/da_unweighted>).
+gradients land in their [E, ...] slot directly, and only the pre-activations and the row map are
+saved: each block's inputs are regathered from x and its activations recomputed (keeping either
+measured slower: no [M, C] or [M, H] buffer is allocated, page-faulted and streamed per step, and at
+top-8 M is 8x the tokens), and the expert outputs are never needed (the gate gradient is
+<a, dL/da_unweighted>). Outputs and input gradients are added to their tokens block by block.
 
 Bucketing (bf16 on CPU): each expert's row block is padded with zero rows up to a multiple of
 `bucket`, so matmul row counts come from a small set and oneDNN reuses its compiled primitives.
@@ -65,31 +66,20 @@ def _pad_rows(t_nX: Tensor, n_pad: int) -> Tensor:
 
 
 def _gather_rows(src_NX: Tensor, tok_n: Tensor, n_pad: int) -> Tensor:
-    """src rows of one block, zero-padded to n_pad rows."""
-    out = src_NX.new_empty(n_pad, src_NX.shape[1])
-    _gather_rows_into(src_NX, tok_n, out)
-    return out
-
-
-def _gather_rows_into(src_NX: Tensor, tok_n: Tensor, out_nX: Tensor) -> None:
-    """out = src rows tok_n, then zero rows up to out's length (bucket padding)."""
+    """src rows of one block, zero-padded to n_pad rows (bucket padding)."""
     n = tok_n.shape[0]
-    if n == out_nX.shape[0]:
-        torch.index_select(src_NX, 0, tok_n, out=out_nX)
-        return
-    torch.index_select(src_NX, 0, tok_n, out=out_nX[:n])
-    out_nX[n:].zero_()
-
-
-def _scatter_rows(rows_P: Tensor, tok_M: Tensor, counts_E: list[int], padded_E: list[int], n_tokens: int) -> Tensor:
-    """out[t] = sum of the rows whose assignment belongs to token t; padding rows are skipped."""
-    out = rows_P.new_zeros(n_tokens, rows_P.shape[1])
-    if padded_E == counts_E:
-        return out.index_add_(0, tok_M, rows_P)
-    for tok_n, rows in zip(tok_M.split(counts_E), rows_P.split(padded_E), strict=True):
-        if tok_n.numel():
-            out.index_add_(0, tok_n, rows[:tok_n.shape[0]])
+    if n == n_pad:
+        return src_NX.index_select(0, tok_n)
+    out = src_NX.new_empty(n_pad, src_NX.shape[1])
+    torch.index_select(src_NX, 0, tok_n, out=out[:n])
+    out[n:].zero_()
     return out
+
+
+def _add_rows(out_NX: Tensor, tok_n: Tensor, rows_nX: Tensor) -> None:
+    """out[tok_n[i]] += rows[i] for the block's real rows (padding rows, past len(tok_n), are skipped)."""
+    n = tok_n.shape[0]
+    out_NX.index_add_(0, tok_n, rows_nX if rows_nX.shape[0] == n else rows_nX[:n])
 
 
 def _padded_counts(counts_E: list[int], bucket: int) -> list[int]:
@@ -111,45 +101,36 @@ class SortedExperts(torch.autograd.Function):
                 counts_E: list[int], bucket: int, activation: str, compute_dtype: torch.dtype) -> Tensor:
         x_c = x_NC.to(compute_dtype)
         padded_E = _padded_counts(counts_E, bucket)
-        n_rows = sum(padded_E)
-        # kept for backward: the gathered inputs (regathering costs an op per block) and the pre-activations
-        xs_P = x_c.new_empty(n_rows, x_c.shape[1])
-        h_P = x_c.new_empty(n_rows, w_in.shape[2])
-        width = w_in.shape[2] if w_out is None else w_out.shape[2]
-        # weighted outputs of every block, scattered to their tokens by one index_add at the end
-        # (one [M, C] index_add ran 2x faster than one per block)
-        out_P = x_c.new_empty(n_rows, width)
+        # kept for backward: the pre-activations. The gathered inputs are not kept but regathered per block
+        # (an [M, C] buffer is k times the tokens; fresh each step it page-faults, and it measured slower)
+        h_P = x_c.new_empty(sum(padded_E), w_in.shape[2])
+        y = x_c.new_zeros(x_NC.shape[0], w_in.shape[2] if w_out is None else w_out.shape[2])
         w_in_E = w_in.to(compute_dtype).unbind(0)
         w_out_E = None if w_out is None else w_out.to(compute_dtype).unbind(0)
         gate_E = gate_M.to(compute_dtype).unsqueeze(1).split(counts_E)
-        blocks = zip(tok_M.split(counts_E), xs_P.split(padded_E), h_P.split(padded_E), padded_E, strict=True)
-        out_E = out_P.split(padded_E)
-        unpadded = padded_E == counts_E
-        if unpadded:  # one gather for all blocks (a gather per block costs an op each)
-            torch.index_select(x_c, 0, tok_M, out=xs_P)
-        for e, (tok_n, xs, h, n_pad) in enumerate(blocks):
+        for e, (tok_n, h, n_pad) in enumerate(zip(tok_M.split(counts_E), h_P.split(padded_E), padded_E, strict=True)):
             if not n_pad:
                 continue
-            if not unpadded:
-                _gather_rows_into(x_c, tok_n, xs)
-            torch.mm(xs, w_in_E[e], out=h)
+            torch.mm(_gather_rows(x_c, tok_n, n_pad), w_in_E[e], out=h)
             gate_n1 = _pad_rows(gate_E[e], n_pad)
-            if w_out_E is None:  # linear: h is the output, and it is saved: scale into the buffer
-                torch.mul(h, gate_n1, out=out_E[e])
+            if w_out_E is None:  # linear: h is the output
+                out = h * gate_n1
             else:
-                torch.mm(activate(h, activation), w_out_E[e], out=out_E[e]).mul_(gate_n1)
-        y = _scatter_rows(out_P, tok_M, counts_E, padded_E, x_NC.shape[0])
-        ctx.save_for_backward(gate_M, w_in, w_out, tok_M, xs_P, h_P)
-        ctx.x_shape, ctx.x_dtype = x_NC.shape, x_NC.dtype
+                out = torch.mm(activate(h, activation), w_out_E[e]).mul_(gate_n1)
+            # each block's weighted outputs go to their tokens right away (an [M, C] buffer scattered by
+            # one index_add at the end measured slower at E=64 and no faster at E=8)
+            _add_rows(y, tok_n, out)
+        ctx.save_for_backward(gate_M, w_in, w_out, tok_M, x_c, h_P)
+        ctx.x_dtype = x_NC.dtype
         ctx.counts_E, ctx.padded_E, ctx.activation, ctx.compute_dtype = counts_E, padded_E, activation, compute_dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y_NC: Tensor):
-        gate_M, w_in, w_out, tok_M, xs_P, h_P = ctx.saved_tensors
+        gate_M, w_in, w_out, tok_M, x_c, h_P = ctx.saved_tensors
         dtype, activation, counts_E, padded_E = ctx.compute_dtype, ctx.activation, ctx.counts_E, ctx.padded_E
         grad_y = grad_y_NC.to(dtype)
-        grad_xs_P = grad_y.new_empty(h_P.shape[0], ctx.x_shape[1])
+        grad_x = torch.zeros_like(x_c)
         grad_gate = torch.empty_like(gate_M)  # every assignment belongs to exactly one block
         # experts with rows write their whole gradient slot; only idle experts need zeros
         grad_w_in = torch.empty_like(w_in)
@@ -164,10 +145,8 @@ class SortedExperts(torch.autograd.Function):
         grad_w_in_E = grad_w_in.unbind(0)
         grad_w_out_E = None if grad_w_out is None else grad_w_out.unbind(0)
         gate_E = gate_M.to(dtype).unsqueeze(1).split(counts_E)
-        grad_xs_E = grad_xs_P.split(padded_E)
-        blocks = zip(tok_M.split(counts_E), xs_P.split(padded_E), h_P.split(padded_E), grad_gate.split(counts_E),
-                     padded_E, strict=True)
-        for e, (tok_n, xs, h, grad_gate_n, n_pad) in enumerate(blocks):
+        blocks = zip(tok_M.split(counts_E), h_P.split(padded_E), grad_gate.split(counts_E), padded_E, strict=True)
+        for e, (tok_n, h, grad_gate_n, n_pad) in enumerate(blocks):
             if not n_pad:
                 continue
             n = tok_n.shape[0]
@@ -185,9 +164,8 @@ class SortedExperts(torch.autograd.Function):
                 grad_gate_n.copy_(torch.linalg.vecdot(a[:n], grad_a[:n]))
                 _mm_into(a.t(), g * gate_n1, grad_w_out_E[e])
                 grad_h = _act_backward(grad_a.mul_(gate_n1), h, activation, silu_gate)
-            _mm_into(xs.t(), grad_h, grad_w_in_E[e])
-            torch.mm(grad_h, w_in_t_E[e], out=grad_xs_E[e])
-        grad_x = _scatter_rows(grad_xs_P, tok_M, counts_E, padded_E, ctx.x_shape[0])
+            _mm_into(_gather_rows(x_c, tok_n, n_pad).t(), grad_h, grad_w_in_E[e])
+            _add_rows(grad_x, tok_n, grad_h @ w_in_t_E[e])
         return grad_x.to(ctx.x_dtype), grad_gate, grad_w_in, grad_w_out, None, None, None, None, None
 
 
