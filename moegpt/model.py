@@ -187,8 +187,10 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe.weight[past:past + T]  # = wpe(arange(past, past + T)), one op cheaper
         x = self.drop(x) if self.drop.p else x
         mask = None if targets is None else targets != IGNORE_INDEX
-        if mask is not None and (not self.moe_layers or bool(mask.all())):
-            # no ignored targets (the usual batch): routers skip a boolean gather per loss term
+        if mask is not None and (not self.moe_layers or (mask.device.type == "cpu" and not torch.compiler.is_compiling()
+                                                         and bool(mask.all()))):
+            # no ignored targets (the usual batch): router losses skip their token weights. Only checked on
+            # CPU outside torch.compile: elsewhere the check is a host sync (or a graph break) per step
             mask = None
         stats = []
         for layer, block in enumerate(self.blocks):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.model import GPT, IGNORE_INDEX, KVCache, Linear, aux_losses
 from moegpt.moe import VARIANTS
+from moegpt.moe import dispatch as dispatch_module
 from moegpt.moe.dense import DenseFFN
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
 
@@ -236,3 +238,37 @@ def test_dense_variant_has_no_moe_layers():
     model = build("dense", moe_every=1)
     assert model.moe_layers == []
     assert all(isinstance(b.ffn, DenseFFN) for b in model.blocks)
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compiled_moe_model_matches_eager_and_breaks_only_for_the_dispatch_group_sizes():
+    # the sorted dispatch reads its per-expert group sizes on the host (one graph break per MoE layer
+    # and pass); nothing else in the model may break the graph
+    import torch._dynamo as dynamo
+
+    model = build("topk", model_kw={"n_layer": 2}, n_expert=4, top_k=2)
+    x, y = tokens(2, 16, seed=1), tokens(2, 16, seed=2)
+
+    def loss_fn(m):
+        out = m(x, y)
+        return out.loss + aux_losses(out.router_stats, m.moe_config)["total"]
+
+    dynamo.reset()
+    try:
+        explained = dynamo.explain(loss_fn)(model)
+        break_files = {frame.filename for reason in explained.break_reasons for frame in reason.user_stack[-1:]}
+        assert break_files <= {str(Path(dispatch_module.__file__))}, explained.break_reasons
+        eager = loss_fn(model)
+        eager.backward()
+        eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        compiled = loss_fn(torch.compile(model))
+        compiled.backward()
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4,
+                                       msg=name)
+    finally:
+        dynamo.reset()

@@ -9,8 +9,19 @@ import torch
 from torch import Tensor
 
 
-def _masked_rows(t: Tensor, mask_N: Tensor | None) -> Tensor:
-    return t if mask_N is None else t[mask_N]
+def _token_weights(n_tokens: int, mask_N: Tensor | None, like: Tensor) -> Tensor | None:
+    """1.0 for real tokens, 0.0 for ignored ones (None when every token is real). Weights instead of
+    boolean row selection: selecting rows by a mask has a data-dependent shape, a host sync on GPU and a
+    graph break under torch.compile."""
+    return None if mask_N is None else mask_N.reshape(n_tokens).to(like.dtype)
+
+
+def _mean_over_tokens(values_NX: Tensor, w_N: Tensor | None) -> Tensor:
+    """Mean over real tokens (dim 0); zero when there are none."""
+    if w_N is None:
+        return values_NX.mean(dim=0) if values_NX.shape[0] else values_NX.sum(dim=0)
+    w = w_N.reshape(-1, *([1] * (values_NX.dim() - 1)))
+    return (values_NX * w).sum(dim=0) / w_N.sum().clamp(min=1)
 
 
 def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor | None = None,
@@ -20,28 +31,28 @@ def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor
     f_i: fraction of the N*K assignments that went to expert i (no gradient, a count).
     P_i: mean over tokens of the FULL softmax over all E experts (the gradient path), so the loss
     has a router gradient even at K=1 (a top-k-renormalised P would be constant there).
-    Choices of -1 (no expert) are ignored in f. probs_NE, when given, is softmax(logits_NE) already
-    computed by the caller (all rows, before masking).
+    Choices of -1 (no expert) and ignored tokens are left out of both. probs_NE, when given, is
+    softmax(logits_NE) already computed by the caller (all rows). No data-dependent shapes: no host sync.
     """
-    logits_NE = _masked_rows(logits_NE.float(), mask_N)
-    idx_NK = _masked_rows(expert_idx_NK, mask_N)
-    n_expert = logits_NE.shape[-1]
-    if logits_NE.shape[0] == 0:
-        return logits_NE.sum() * 0.0
-    valid = idx_NK >= 0
-    counts_E = torch.bincount(idx_NK[valid], minlength=n_expert).float()
-    f_E = counts_E / valid.sum().clamp(min=1)
-    probs_NE = torch.softmax(logits_NE, dim=-1) if probs_NE is None else _masked_rows(probs_NE.float(), mask_N)
-    P_E = probs_NE.mean(dim=0)
+    logits_NE = logits_NE.float()
+    N, n_expert = logits_NE.shape
+    w_N = _token_weights(N, mask_N, logits_NE)
+    valid_NK = (expert_idx_NK >= 0).to(logits_NE.dtype)
+    if w_N is not None:
+        valid_NK = valid_NK * w_N[:, None]
+    counts_E = logits_NE.new_zeros(n_expert).scatter_add_(0, expert_idx_NK.clamp(min=0).reshape(-1),
+                                                          valid_NK.reshape(-1))
+    f_E = counts_E / valid_NK.sum().clamp(min=1)
+    probs_NE = torch.softmax(logits_NE, dim=-1) if probs_NE is None else probs_NE.float()
+    P_E = _mean_over_tokens(probs_NE, w_N)
     return n_expert * torch.sum(f_E * P_E)
 
 
 def router_z_loss(logits_NE: Tensor, mask_N: Tensor | None = None) -> Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (not mean(logits^2))."""
-    logits_NE = _masked_rows(logits_NE.float(), mask_N)
-    if logits_NE.shape[0] == 0:
-        return logits_NE.sum() * 0.0
-    return torch.logsumexp(logits_NE, dim=-1).square().mean()
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2 (not mean(logits^2))."""
+    logits_NE = logits_NE.float()
+    z_N = torch.logsumexp(logits_NE, dim=-1).square()
+    return _mean_over_tokens(z_N, _token_weights(logits_NE.shape[0], mask_N, logits_NE))
 
 
 def seq_balance_loss(scores_BTE: Tensor, expert_idx_BTK: Tensor, mask_BT: Tensor | None = None) -> Tensor:

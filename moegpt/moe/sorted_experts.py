@@ -39,6 +39,8 @@ def _act_backward(grad_a_nH: Tensor, h_nHin: Tensor, activation: str, silu_gate:
     """dL/dh from dL/da for a = activate(h); SwiGLU writes both halves in place (no concatenation)."""
     if activation == "swiglu":
         gate, up = h_nHin.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # dynamo cannot trace out= into a non-contiguous half (a graph break)
+            return torch.cat([torch.ops.aten.silu_backward(grad_a_nH * up, gate), grad_a_nH * silu_gate], dim=-1)
         grad_h = torch.empty_like(h_nHin)
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
         torch.mul(grad_a_nH, silu_gate, out=grad_up)
