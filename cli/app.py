@@ -54,7 +54,7 @@ class MoegptGroup(TyperGroup):
         except click.exceptions.UsageError as err:
             if not standalone_mode:
                 raise
-            hint = f" (see 'moegpt {err.ctx.info_name} --help')" if err.ctx and err.ctx.parent else ""
+            hint = f" (see '{err.ctx.command_path} --help')" if err.ctx and err.ctx.parent else ""
             fail(f"{err.format_message()}{hint}")
         except MoegptError as err:
             if not standalone_mode:

@@ -84,3 +84,11 @@ def test_bench_bad_input_is_one_line():
         assert result.exit_code == 2, (args, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("moegpt: error:"), result.stderr
+
+
+def test_bad_bench_option_is_one_line_naming_the_full_command():
+    result = runner.invoke(app, ["bench", "sample", "--repeats", "0"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moegpt: error: ")
+    assert "'moegpt bench sample --help'" in lines[0]
