@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 
-def _token_weights(n_tokens: int, mask_N: Tensor | None, like: Tensor) -> Tensor | None:
+def _token_weights(mask_N: Tensor | None, like: Tensor) -> Tensor | None:
     """1.0 for real tokens, 0.0 for ignored ones (None when every token is real). Weights instead of
     boolean row selection: selecting rows by a mask has a data-dependent shape, a host sync on GPU and a
     graph break under torch.compile."""
-    return None if mask_N is None else mask_N.reshape(n_tokens).to(like.dtype)
+    return None if mask_N is None else mask_N.reshape(-1).to(like.dtype)
 
 
 def _mean_over_tokens(values_NX: Tensor, w_N: Tensor | None) -> Tensor:
@@ -35,8 +35,8 @@ def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor
     softmax(logits_NE) already computed by the caller (all rows). No data-dependent shapes: no host sync.
     """
     logits_NE = logits_NE.float()
-    N, n_expert = logits_NE.shape
-    w_N = _token_weights(N, mask_N, logits_NE)
+    n_expert = logits_NE.shape[-1]
+    w_N = _token_weights(mask_N, logits_NE)
     valid_NK = (expert_idx_NK >= 0).to(logits_NE.dtype)
     if w_N is not None:
         valid_NK = valid_NK * w_N[:, None]
@@ -52,7 +52,7 @@ def router_z_loss(logits_NE: Tensor, mask_N: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2 (not mean(logits^2))."""
     logits_NE = logits_NE.float()
     z_N = torch.logsumexp(logits_NE, dim=-1).square()
-    return _mean_over_tokens(z_N, _token_weights(logits_NE.shape[0], mask_N, logits_NE))
+    return _mean_over_tokens(z_N, _token_weights(mask_N, logits_NE))
 
 
 def seq_balance_loss(scores_BTE: Tensor, expert_idx_BTK: Tensor, mask_BT: Tensor | None = None) -> Tensor:

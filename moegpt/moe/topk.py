@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moegpt.moe.losses import switch_balance_loss
+from moegpt.moe.losses import router_z_loss, switch_balance_loss
 from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
 
 
@@ -36,12 +36,11 @@ class NoisyTopKMoE(TokenChoiceMoE):
     def router_losses(self, logits_NE, idx_NK, mask_BT, B, T):
         # P comes from the logits that drove selection (noisy in training), so the balance loss
         # sees the routing the experts saw; the z-loss stays on the clean logits.
-        balance, z, seq = super().router_losses(logits_NE, idx_NK, mask_BT, B, T)
-        noisy_logits_NE = self._forward_memo.get("noisy_logits_NE")
-        if noisy_logits_NE is not None:
-            mask_N = None if mask_BT is None else mask_BT.reshape(-1)
-            balance = switch_balance_loss(noisy_logits_NE, idx_NK, mask_N)
-        return balance, z, seq
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+        noisy_NE = self._forward_memo["noisy_logits_NE"]  # set by select, which always runs first
+        probs_NE = self.softmax(logits_NE) if noisy_NE is logits_NE else None  # eval: no noise, share the memo
+        return (switch_balance_loss(noisy_NE, idx_NK, mask_N, probs_NE=probs_NE), router_z_loss(logits_NE, mask_N),
+                logits_NE.new_zeros(()))
 
     def active_params(self, block_size: int) -> int:
         return super().active_params(block_size) + self.noise.weight.numel()
