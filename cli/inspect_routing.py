@@ -11,9 +11,9 @@ from rich.console import Console
 from moegpt.cli.app import app
 from moegpt.cli.routing_views import render_report
 from moegpt.errors import MoegptError
-from moegpt.routing_inspect import DEFAULT_TOKENS, InspectOptions, inspect_routing
-from moegpt.routing_plot import require_matplotlib, write_heatmap_png
-from moegpt.routing_schema import SCHEMA_VERSION, report_to_json
+from moegpt.inspect.run import DEFAULT_TOKENS, InspectOptions, inspect_routing
+from moegpt.inspect.plot import require_matplotlib, write_heatmap_png
+from moegpt.inspect.schema import SCHEMA_VERSION, report_to_json
 
 
 @app.command("inspect-routing")
@@ -27,7 +27,7 @@ def inspect_routing_command(
     text: Annotated[str | None, typer.Option("--text", help="Also print TEXT coloured by each token's top-1 "
                                                             "expert, one line per layer.")] = None,
     format_: Annotated[str, typer.Option("--format", help=f"table (rich) or json (schema_version {SCHEMA_VERSION}, "
-                                                          "documented in moegpt/routing_schema.py).")] = "table",
+                                                          "documented in moegpt/inspect/schema.py).")] = "table",
     png: Annotated[str | None, typer.Option("--png", help="Write a layer x expert load heatmap to FILE "
                                                           "(needs the \\[plot] extra: matplotlib).")] = None,
     causality: Annotated[bool, typer.Option("--causality", help="Run the suffix-perturbation causality probe and "

@@ -1,4 +1,4 @@
-"""Rich rendering of an inspect-routing report dict (schema: moegpt/routing_schema.py). No computation here."""
+"""Rich rendering of an inspect-routing report dict (schema: moegpt/inspect/schema.py). No computation here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from moegpt.routing_history import sparkline
+from moegpt.inspect.history import sparkline
 
 # Distinguishable expert colours (matplotlib's tab20 order: strong hues first); reused for --text.
 EXPERT_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 
 from moegpt.moe.losses import aux_free_bias_step, seq_balance_loss
-from moegpt.moe.routing import TokenChoiceMoE
+from moegpt.moe.router import RoutedMoE
 from moegpt.moe.stats import RouterStats
 
 
-class AuxFreeMoE(TokenChoiceMoE):
+class AuxFreeMoE(RoutedMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg)
         self.n_group, self.topk_group = moe_cfg.n_group, moe_cfg.topk_group

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moegpt.moe.routing import TokenChoiceMoE
+from moegpt.moe.router import RoutedMoE
 
 
-class BasicMoE(TokenChoiceMoE):
+class BasicMoE(RoutedMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg, top_k=moe_cfg.n_expert)
         self.capacity_factor = 0.0  # nothing to drop: every expert takes every token

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from moegpt.moe.losses import router_z_loss
-from moegpt.moe.routing import TokenChoiceMoE, expert_capacity
+from moegpt.moe.router import RoutedMoE, expert_capacity
 from moegpt.moe.stats import RouterStats
 
 
-class ExpertChoiceMoE(TokenChoiceMoE):
+class ExpertChoiceMoE(RoutedMoE):
     is_causal = False
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from moegpt.moe.experts import DenseMLP
-from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
+from moegpt.moe.router import RoutedMoE, softmax_topk
 from moegpt.moe.stats import RouterStats
 
 
-class SharedExpertMoE(TokenChoiceMoE):
+class SharedExpertMoE(RoutedMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg)
         hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)

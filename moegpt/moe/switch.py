@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
+from moegpt.moe.router import RoutedMoE, softmax_topk
 
 
-class SwitchMoE(TokenChoiceMoE):
+class SwitchMoE(RoutedMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg, top_k=1)
 

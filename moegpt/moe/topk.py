@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
-from moegpt.moe.routing import TokenChoiceMoE, softmax_topk
+from moegpt.moe.router import RoutedMoE, softmax_topk
 
 
-class TopKMoE(TokenChoiceMoE):
+class TopKMoE(RoutedMoE):
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
         return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax)
 
 
-class NoisyTopKMoE(TokenChoiceMoE):
+class NoisyTopKMoE(RoutedMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg)
         self.noise = nn.Linear(model_cfg.n_embd, self.n_expert, bias=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moegpt.moe.routing import capacity_keep_mask, expert_capacity, softmax_topk
+from moegpt.moe.router import capacity_keep_mask, expert_capacity, softmax_topk
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

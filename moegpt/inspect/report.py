@@ -3,7 +3,7 @@
 `RoutingAccumulator.update(stats, tokens_N)` keeps only counts and sums (memory is O(V·E) per layer,
 independent of the number of tokens), so 65,536 tokens or ten million cost the same memory.
 `build_layer_reports` turns the counts into the "layers" and "cross_layer" parts of the JSON report
-(schema: moegpt/routing_schema.py). `collect_routing` runs a model over non-overlapping windows.
+(schema: moegpt/inspect/schema.py). `collect_routing` runs a model over non-overlapping windows.
 
 Definitions (per MoE layer; N tokens, K choice slots per token, E experts):
   assignment           one (token, expert) choice the router made; slots holding -1 are not assignments
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from moegpt.moe.stats import RouterStats
-from moegpt.routing_stats import coefficient_of_variation, entropy_sum, load_imbalance, margin_sum, top1_expert
+from moegpt.inspect.stats import coefficient_of_variation, entropy_sum, load_imbalance, margin_sum, top1_expert
 
 
 class LayerAccumulator:

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from moegpt.causality import probe_causality
+from moegpt.inspect.causality import probe_causality
 from moegpt.checkpoint import checkpoint_hash
 from moegpt.data import TokenDataset
 from moegpt.errors import MoegptError
 from moegpt.moe import is_causal_variant
-from moegpt.routing_history import training_history
-from moegpt.routing_report import build_layer_reports, collect_routing, route_text
-from moegpt.routing_schema import SCHEMA_NAME, SCHEMA_VERSION
+from moegpt.inspect.history import training_history
+from moegpt.inspect.report import build_layer_reports, collect_routing, route_text
+from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION
 from moegpt.runs import LoadedRun, load_run
 from moegpt.runtime import resolve_device
 
@@ -166,7 +166,7 @@ def _compare_report(path: str, opts: InspectOptions) -> dict[str, Any]:
 
 @torch.no_grad()
 def inspect_routing(path: str | Path, opts: InspectOptions) -> dict[str, Any]:
-    """The full report (schema: moegpt/routing_schema.py). Raises MoegptError for bad input and
+    """The full report (schema: moegpt/inspect/schema.py). Raises MoegptError for bad input and
     DenseRunError (with the val CE in its message) for a run without MoE layers."""
     check_options(opts)
     run = open_run(path, opts.device)

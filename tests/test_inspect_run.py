@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from moegpt.checkpoint import checkpoint_hash, resolve_checkpoint
 from moegpt.cli.main import app
-from moegpt.routing_schema import SCHEMA_VERSION, validate_report
+from moegpt.inspect.schema import SCHEMA_VERSION, validate_report
 
 runner = CliRunner()
 

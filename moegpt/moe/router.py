@@ -52,7 +52,7 @@ def capacity_keep_mask(expert_idx_NK: Tensor, batch: int, time: int, n_expert: i
     return ((pos < capacity) & (expert_idx_NK.reshape(-1) >= 0)).reshape(N, K)
 
 
-class TokenChoiceMoE(nn.Module):
+class RoutedMoE(nn.Module):
     """Base of the token-choice variants: subclasses define `select(logits, x)` -> (idx_NK, weight_NK)."""
 
     is_causal = True
