@@ -11,8 +11,8 @@ from rich.console import Console
 from moegpt.cli.app import app
 from moegpt.cli.routing_views import render_report
 from moegpt.errors import MoegptError
-from moegpt.inspect.run import DEFAULT_TOKENS, InspectOptions, inspect_routing
 from moegpt.inspect.plot import require_matplotlib, write_heatmap_png
+from moegpt.inspect.run import DEFAULT_TOKENS, InspectOptions, inspect_routing
 from moegpt.inspect.schema import SCHEMA_VERSION, report_to_json
 
 

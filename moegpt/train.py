@@ -30,8 +30,8 @@ from moegpt.checkpoint import CheckpointManager, load_checkpoint
 from moegpt.config import RunConfig, TrainConfig
 from moegpt.data import TokenDataset, ensure_prepared
 from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
-from moegpt.model import GPT, aux_losses
 from moegpt.inspect.stats import layer_summary
+from moegpt.model import GPT, aux_losses
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
 
 EventCallback = Callable[[str, dict[str, Any]], None]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moegpt.inspect.causality import perturb_suffix, probe_causality
 from moegpt.cli.main import app
+from moegpt.inspect.causality import perturb_suffix, probe_causality
 from moegpt.model import GPT
 from moegpt.presets import resolve_config
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from moegpt.model import GPT
-from moegpt.moe.stats import RouterStats
-from moegpt.presets import resolve_config
 from moegpt.inspect.history import sparkline, training_history
 from moegpt.inspect.report import RoutingAccumulator, build_layer_reports, collect_routing, route_text
 from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION, report_to_json, validate_report
 from moegpt.inspect.stats import coefficient_of_variation, layer_summary, top1_expert
+from moegpt.model import GPT
+from moegpt.moe.stats import RouterStats
+from moegpt.presets import resolve_config
 
 # Six tokens, four experts, two choices each. Drops: token 3's 2nd choice, token 4's 1st, both of token 5's.
 TOKENS_N = torch.tensor([0, 1, 0, 2, 1, 0])

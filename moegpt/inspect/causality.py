@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moegpt.model import GPT, KVCache
 from moegpt.inspect.stats import top1_expert
+from moegpt.model import GPT, KVCache
 
 # Relative to the logits' scale. A causal model measures exactly 0 on CPU fp32; the slack is for kernels whose
 # reduction order depends on the GEMM shape (the suffix changes how many rows each expert sees). A barely

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moegpt.moe.stats import RouterStats
 from moegpt.inspect.stats import coefficient_of_variation, entropy_sum, load_imbalance, margin_sum, top1_expert
+from moegpt.moe.stats import RouterStats
 
 
 class LayerAccumulator:

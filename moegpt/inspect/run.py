@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from moegpt.inspect.causality import probe_causality
 from moegpt.checkpoint import checkpoint_hash
 from moegpt.data import TokenDataset
 from moegpt.errors import MoegptError
-from moegpt.moe import is_causal_variant
+from moegpt.inspect.causality import probe_causality
 from moegpt.inspect.history import training_history
 from moegpt.inspect.report import build_layer_reports, collect_routing, route_text
 from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION
+from moegpt.moe import is_causal_variant
 from moegpt.runs import LoadedRun, load_run
 from moegpt.runtime import resolve_device
 
