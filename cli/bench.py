@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,9 +15,8 @@ from rich.table import Table
 
 from moegpt.bench import LayerCase, bench_layer, bench_model, bench_quality, machine_info
 from moegpt.cli.app import app
-from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
-from moegpt.moe import VARIANTS
+from moegpt.moe import BACKENDS, VARIANTS, variant_spec
 from moegpt.presets import resolve_config
 from moegpt.runtime import resolve_device
 
@@ -99,7 +99,7 @@ def bench_layer_command(
         raise MoegptError(f"--precision must be fp32 or bf16 (got {precision!r})")
     cases = [LayerCase(n, d, e, k) for n in int_list(tokens, "--tokens") for d in int_list(d_model, "--d-model")
              for e, k in pairs]
-    chosen = name_list(backends, [b for b in DISPATCH_BACKENDS], "backend")
+    chosen = name_list(backends, [b for b in BACKENDS], "backend")
     result = bench_layer(cases, chosen, resolve_device(device), precision=precision, repeats=repeats)
     render(result, fmt, "moegpt bench layer (fwd+bwd, median)",
            ["n_tokens", "d_model", "n_expert", "top_k", "impl", "ms", "ratio_to_dense", "gflops", "frac_of_peak",
@@ -137,7 +137,7 @@ def bench_model_command(
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
     if any(p not in ("fp32", "bf16") for p in precisions):
         raise MoegptError(f"--precision must be fp32, bf16 or both (got {precision!r})")
-    backends = name_list(dispatch, list(DISPATCH_BACKENDS), "backend")
+    backends = name_list(dispatch, list(BACKENDS), "backend")
     cfg = resolve_config(preset)
     dev = resolve_device(device)
     tokens = _training_tokens(Path(cfg.data.data_root) / cfg.data.name)
@@ -145,10 +145,10 @@ def bench_model_command(
     for prec in precisions:
         moe_cfgs = {}
         for name in names:
-            for backend in ([backends[0]] if name == "dense" else backends):
-                label = name if name == "dense" or len(backends) == 1 else f"{name}/{backend}"
-                moe_cfgs[f"{label} {prec}"] = type(cfg.moe)(**{**cfg.moe.__dict__, "variant": name,
-                                                              "dispatch": backend})
+            routed = variant_spec(name).routed  # the dense baseline has no dispatch to vary
+            for backend in (backends if routed else backends[:1]):
+                label = f"{name}/{backend}" if routed and len(backends) > 1 else name
+                moe_cfgs[f"{label} {prec}"] = dataclasses.replace(cfg.moe, variant=name, dispatch=backend)
         result = bench_model(cfg.model, moe_cfgs, dev, batch_size=cfg.train.batch_size, steps=steps,
                              precision=prec, tokens=tokens)
         rows += result["rows"]

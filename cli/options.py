@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from moegpt.moe import VARIANTS
+from moegpt.moe import ACTIVATIONS, BACKENDS, VARIANTS
 
 VARIANT_HELP = "MoE variant: " + ", ".join(VARIANTS) + "."
 
@@ -17,13 +17,15 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any conf
                                                   "(repeatable), e.g. --set moe.capacity_factor=1.0.")]
 Moe = Annotated[str | None, typer.Option("--moe", help=VARIANT_HELP)]
 NExpert = Annotated[int | None, typer.Option("--n-expert", help="Routed experts per MoE layer.")]
-TopK = Annotated[int | None, typer.Option("--top-k", help="Experts per token (token-choice variants).")]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Routed experts per token (switch always uses 1, basic "
+                                                           "all; expert-choice: average per token).")]
 ExpertHidden = Annotated[int | None, typer.Option(
     "--expert-hidden", help="Hidden width of one expert (0 = equal active params with dense).")]
-Activation = Annotated[str | None, typer.Option("--activation", help="Expert MLP: swiglu, gelu, relu, linear.")]
-CapacityFactor = Annotated[float | None, typer.Option("--capacity-factor",
-                                                      help="Expert capacity factor; <= 0 means dropless.")]
-Dispatch = Annotated[str | None, typer.Option("--dispatch", help="Dispatch backend: sorted, loop, padded, grouped.")]
+Activation = Annotated[str | None, typer.Option("--activation", help="Expert MLP: " + ", ".join(ACTIVATIONS) + ".")]
+CapacityFactor = Annotated[float | None, typer.Option(
+    "--capacity-factor", help="Expert capacity factor: 0 = dropless, > 0 = at most ceil(cf*N*k/E) assignments "
+    "per expert, < 0 = the variant's default (switch 1.25, expert-choice 1.0, others dropless).")]
+Dispatch = Annotated[str | None, typer.Option("--dispatch", help="Dispatch backend: " + ", ".join(BACKENDS) + ".")]
 NLayer = Annotated[int | None, typer.Option("--n-layer", help="Transformer blocks.")]
 NHead = Annotated[int | None, typer.Option("--n-head", help="Attention heads.")]
 NEmbd = Annotated[int | None, typer.Option("--n-embd", help="Model width.")]

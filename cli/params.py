@@ -8,6 +8,7 @@ from rich.table import Table
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
 from moegpt.model import GPT
+from moegpt.moe import layer_facts
 from moegpt.presets import resolve_config
 
 
@@ -39,11 +40,14 @@ def params_command(
     table.add_column("value", justify="right")
     table.add_row("layers x width x heads", f"{m.n_layer} x {m.n_embd} x {m.n_head}")
     table.add_row("context / vocab", f"{m.block_size} / {m.vocab_size}")
-    if e.variant != "dense":
+    if model.moe_layers:
+        facts = layer_facts(m, e)
         moe_layers = model.moe_layers
         table.add_row("MoE layers", f"{len(moe_layers)} of {m.n_layer} ({', '.join(map(str, moe_layers)) or '-'})")
-        table.add_row("experts / per token", f"{e.n_expert} / {e.active_experts_per_token():g}")
-        table.add_row("expert hidden", str(e.resolved_expert_hidden(m.resolved_ffn_hidden)))
+        table.add_row("experts / per token", f"{facts['n_expert']} / {facts['experts_per_token']:g}")
+        table.add_row("expert hidden", str(facts["expert_hidden"]))
+        if facts["capacity_factor"] > 0:
+            table.add_row("capacity factor", f"{facts['capacity_factor']:g}")
     table.add_row("total params", f"{counts['total']:,} ({human(counts['total'])})")
     table.add_row("active params / token", f"{counts['active']:,} ({human(counts['active'])})")
     table.add_row("  of which embeddings", f"{counts['embedding']:,}")

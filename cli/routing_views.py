@@ -9,11 +9,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moegpt.cli.palette import EXPERT_PALETTE, expert_style, token_style
 from moegpt.inspect.history import sparkline
+from moegpt.moe import VARIANTS, variant_spec
 
-# Distinguishable expert colours (matplotlib's tab20 order: strong hues first); reused for --text.
-EXPERT_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                  "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
 # Sequential scale (viridis) for load relative to the uniform share: 0 .. >= 2x fair share.
 SCALE = ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
          "#fde725")
@@ -25,10 +24,6 @@ def _table(title: str | None = None) -> Table:
     """Compact tables: an 80-column terminal must fit a 10-column summary without truncated headers."""
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, title_style="bold",
                  collapse_padding=True, show_edge=False)
-
-
-def expert_style(e: int) -> str:
-    return "dim strike" if e < 0 else f"bold {EXPERT_PALETTE[e % len(EXPERT_PALETTE)]}"
 
 
 def scale_colour(relative: float) -> str:
@@ -48,7 +43,7 @@ def render_header(console: Console, r: dict[str, Any]) -> None:
     run, data = r["run"], r["data"]
     best = f" (best eval CE {run['best_val_ce']:.4f} during training)" if run["best_val_ce"] is not None else ""
     console.print(f"[bold]{run['checkpoint']}[/]  step {run['step']}  {run['variant']} E={run['n_expert']} "
-                  f"k={run['top_k']}  MoE layers {run['moe_layers']}"
+                  f"k={run['experts_per_token']:g}  MoE layers {run['moe_layers']}"
                   + ("" if run["causal"] else "  [yellow](non-causal variant)[/]"), highlight=False)
     console.print(f"{data['tokens']:,} {data['split']} tokens in {data['windows']} windows of {data['block_size']} "
                   f"(batch {data['batch_size']}), eval mode: val CE [bold]{r['val_ce']:.4f}[/]{best}", highlight=False)
@@ -72,16 +67,23 @@ def render_summary(console: Console, r: dict[str, Any]) -> None:
     console.print(f"max/mean and CV of the load before drops; dead = load < {r['dead_threshold']:g} x uniform share; "
                   "unrtd = tokens with no expert; entropy = mean H(p)/log E; margin = mean p1 - p2",
                   style="dim", highlight=False)
-    # variant-specific numbers on their own lines: extra columns would not fit 80 terminal columns
-    if any(x["shared_output_share"] is not None for x in layers):
-        console.print("shared experts' share of the FFN output norm: " + ", ".join(
-            f"L{x['layer']} {_pct(x['shared_output_share'])}%" for x in layers), highlight=False)
-    for x in layers:
-        if x["expert_bias"] is not None:
-            console.print(f"L{x['layer']} expert bias (aux-free selection): "
-                          + " ".join(f"{b:+.4f}" for b in x["expert_bias"]), highlight=False)
+    render_extras(console, r["run"]["variant"], layers)
     for note in layers[0]["notes"] if layers else []:
         console.print(f"note: {note}", style="dim", highlight=False)
+
+
+def render_extras(console: Console, variant: str, layers: list[dict[str, Any]]) -> None:
+    """The variant's declared statistics, on their own lines: extra columns would not fit 80 terminal columns."""
+    declared = variant_spec(variant).extra_stats if variant in VARIANTS else ()
+    for extra in declared:
+        values = [(x["layer"], x["extras"].get(extra.key)) for x in layers]
+        if extra.kind == "token_mean" and any(v is not None for _, v in values):
+            console.print(f"{extra.label}: " + ", ".join(f"L{layer} {_pct(v)}%" for layer, v in values),
+                          highlight=False)
+        elif extra.kind == "per_expert":
+            for layer, v in values:
+                if v is not None:
+                    console.print(f"L{layer} {extra.label}: " + " ".join(f"{b:+.4f}" for b in v), highlight=False)
 
 
 def render_heatmap(console: Console, r: dict[str, Any]) -> None:
@@ -201,14 +203,14 @@ def render_text(console: Console, r: dict[str, Any]) -> None:
     legend = Text("experts: ")
     E = r["run"]["n_expert"]
     for e in range(min(E, len(EXPERT_PALETTE))):
-        legend.append(f"{e} ", style=expert_style(e))
+        legend.append(f" {e} ", style=token_style(e)).append(" ")
     if E > len(EXPERT_PALETTE):
         legend.append(f"(colours repeat every {len(EXPERT_PALETTE)})", style="dim")
     console.print(legend)
     for layer in t["top1"]:
         line = Text(f"L{layer['layer']}: ", style="bold")
         for tok, e in zip(t["tokens"], layer["experts"], strict=False):
-            line.append(tok, style=expert_style(e))
+            line.append(tok, style=token_style(e))
         console.print(line)
 
 

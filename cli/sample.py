@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
+from moegpt.cli.palette import NO_EXPERT_STYLE, token_style
 from moegpt.errors import MoegptError
 from moegpt.generate import (
     LayerRouting,
@@ -32,19 +33,12 @@ from moegpt.tokenizer import Tokenizer
 # `--show-routing` alone means the last MoE layer (see RunArg below for `--show-routing RUN`).
 OPTIONAL_VALUE_OPTIONS.setdefault("--show-routing", "last")
 
-# Background colours (black text) so that whitespace tokens show their expert too; cycled past 12 experts.
-PALETTE = ("bright_red", "bright_green", "bright_yellow", "bright_blue", "bright_magenta", "bright_cyan",
-           "red", "green", "yellow", "blue", "magenta", "cyan")
-NO_EXPERT_STYLE = "white on grey23"
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--sample-top-k", "top_p": "--top-p",
+                  "max_new_tokens": "--max-new-tokens"}
 
 RunArg = Annotated[str | None, typer.Argument(
     metavar="RUN_OR_CHECKPOINT", show_default=False,
     help="Run folder (uses ckpt/best.pt, else the latest checkpoint) or a checkpoint file.")]
-
-
-def expert_style(expert: int, prompt: bool = False) -> str:
-    base = NO_EXPERT_STYLE if expert < 0 else f"black on {PALETTE[expert % len(PALETTE)]}"
-    return base + (" underline" if prompt else "")
 
 
 def colour_console(stderr: bool, force: bool) -> Console:
@@ -121,7 +115,7 @@ class SampleWriter:
             text = self.decoder.feed([token])
             if prompt and not self.show_prompt:
                 continue
-            style = expert_style(expert, prompt) if self.layer is not None else ("bold" if prompt else "")
+            style = token_style(expert, prompt) if self.layer is not None else ("bold" if prompt else "")
             self.emit(text, style)
 
     def emit(self, text: str, style: str) -> None:
@@ -173,7 +167,8 @@ def sample_command(
                                                     help="Read the prompt from a UTF-8 file.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate per sample.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature; 0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off.")] = 200,
+    top_k: Annotated[int, typer.Option("--sample-top-k", help="Sample among the k most likely tokens; 0 = off. "
+                                       "(In `train`, --top-k is experts per token.)")] = 200,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: smallest set of tokens with this "
                                                          "much probability, in (0, 1]; 1 = off.")] = 1.0,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Independent samples to draw.")] = 1,
@@ -209,9 +204,10 @@ def sample_command(
         raise MoegptError("missing argument RUN_OR_CHECKPOINT (a run folder or a checkpoint file)")
     if show_routing is not None and not is_layer_spec(show_routing):
         raise MoegptError(f"--show-routing takes a layer number or 'last' (got {show_routing!r})")
-    problems = sampling_problems(temperature, top_k, top_p, max_new_tokens)
+    problems = [f"{SAMPLING_FLAGS[name]} {what}" for name, what in
+                sampling_problems(temperature, top_k, top_p, max_new_tokens).items()]
     if num_samples < 1:
-        problems.append(f"num-samples must be >= 1 (got {num_samples})")
+        problems.append(f"--num-samples must be >= 1 (got {num_samples})")
     if problems:
         raise MoegptError("; ".join(problems))
     if precision not in ("auto", "fp32", "bf16"):
@@ -243,7 +239,7 @@ def sample_command(
     if layer is not None:
         legend = Text(f"routing: top-1 expert per token at layer {layer} (underlined: prompt): ")
         for e in range(model.moe_config.n_expert):
-            legend.append(f" {e} ", style=expert_style(e)).append(" ")
+            legend.append(f" {e} ", style=token_style(e)).append(" ")
         legend.append(" none ", style=NO_EXPERT_STYLE)
         colour_console(stderr=True, force=True).print(legend)
 

@@ -48,9 +48,11 @@ class TrainRenderer:
     def on_start(self, p: dict[str, Any]) -> None:
         cfg, params = p["config"], p["params"]
         m, e, t = cfg["model"], cfg["moe"], cfg["train"]
-        moe = "dense FFN" if e["variant"] == "dense" else (
-            f"{e['variant']} E={e['n_expert']} k={e['top_k']} act={e['activation']} dispatch={e['dispatch']} "
-            f"MoE layers={p['moe_layers']}")
+        facts = p["moe_facts"]
+        capacity = f" capacity={facts['capacity_factor']:g}" if facts["capacity_factor"] > 0 else ""
+        moe = "dense FFN" if not p["moe_layers"] else (
+            f"{e['variant']} E={facts['n_expert']} k={facts['experts_per_token']:g}{capacity} act={e['activation']} "
+            f"dispatch={e['dispatch']} MoE layers={p['moe_layers']}")
         self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']} precision={p['precision']}"
                            + (f" ranks={p['world_size']}" if p["world_size"] > 1 else ""))
         self.console.print(f"model: L={m['n_layer']} d={m['n_embd']} heads={m['n_head']} T={m['block_size']} "

@@ -21,7 +21,7 @@ import torch
 
 from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
-from moegpt.moe import build_ffn
+from moegpt.moe import build_ffn, validate_run_config
 from moegpt.runtime import autocast
 from moegpt.train import build_optimizer
 
@@ -75,6 +75,12 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds of numerator[i] / denominator[i]: a ratio of runs made seconds apart, steadier on a
     shared machine than the ratio of two medians (a slow spell inflates both runs of its round alike)."""
     return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant figures: a slow run on a busy machine still reports a positive rate
+    (rounding to fixed decimals turned 0.04 GF/s into 0.0)."""
+    return float(f"{value:.{digits}g}")
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
@@ -169,20 +175,14 @@ def bench_layer(cases: list[LayerCase], backends: list[str], device: torch.devic
         for name, runs in times.items():
             seconds = statistics.median(runs)
             rows.append({"n_tokens": case.n_tokens, "d_model": case.d_model, "n_expert": case.n_expert,
-                         "top_k": case.top_k, "impl": name, "ms": round(seconds * 1e3, 3),
+                         "top_k": case.top_k, "impl": name, "ms": significant(seconds * 1e3),
                          "ratio_to_dense": round(paired_ratio(runs, times["dense"]), 3),
-                         "gflops": round(flops / seconds / 1e9, 1),
-                         "frac_of_peak": round(flops / seconds / 1e9 / peak, 3),
+                         "gflops": significant(flops / seconds / 1e9),
+                         "frac_of_peak": significant(flops / seconds / 1e9 / peak),
                          "activation_mb": round(memory[name] / 2**20, 2),
                          "memory_ratio_to_dense": round(memory[name] / memory["dense"], 3)})
     return {"machine": machine_info(device), "precision": precision, "matmul_peak_gflops": round(peak, 1),
             "rows": rows}
-
-
-def equal_active_moe(variant: str, base: MoEConfig) -> MoEConfig:
-    """The base MoE config with another variant; expert sizes default to equal active parameters."""
-    values = {**base.__dict__, "variant": variant}
-    return MoEConfig(**values)
 
 
 def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
@@ -241,7 +241,7 @@ def bench_quality(base_cfg, variants: list[str], steps: int, on_event=None) -> d
             cfg.train.ckpt_interval = steps
             cfg.train.runs_root = runs_root
             cfg.train.name = variant
-            cfg.validate()
+            validate_run_config(cfg)
             last_log: dict[str, Any] = {}
 
             def capture(kind: str, payload: dict[str, Any], last_log=last_log, variant=variant) -> None:

@@ -352,7 +352,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | Path, keep: int = 2) -> None:
         if keep < 1:
-            raise ValueError(f"keep must be >= 1 (got {keep})")
+            raise MoegptError(f"keep must be >= 1 (got {keep})")
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CKPT_DIRNAME
         self.keep = keep
@@ -380,7 +380,7 @@ class CheckpointManager:
         step file), swapped in with os.replace; where hardlinks are unsupported it is a second copy.
         """
         if step < 0:
-            raise ValueError(f"step must be >= 0 (got {step})")
+            raise MoegptError(f"step must be >= 0 (got {step})")
         path = self.step_path(step)
         with signals_deferred():
             header, payload = _serialize(state)

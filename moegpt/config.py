@@ -17,9 +17,6 @@ import tomllib
 
 from moegpt.errors import MoegptError
 
-ACTIVATIONS = ("swiglu", "gelu", "relu", "linear")
-DISPATCH_BACKENDS = ("sorted", "loop", "padded", "grouped", "bucketed")
-
 
 @dataclass
 class ModelConfig:
@@ -60,8 +57,10 @@ class MoEConfig:
     # (ffn_hidden divided by the number of experts a token runs through).
     expert_hidden: int = 0
     activation: str = "swiglu"
-    n_shared: int = 1  # only the `shared` variant uses it
-    capacity_factor: float = 0.0  # <= 0: dropless (switch defaults to 1.25 when left at 0)
+    n_shared: int = 1  # always-on shared experts (the variants that have them)
+    # < 0: the variant's default (switch 1.25, expert-choice 1.0, the others dropless); 0: dropless for every
+    # token-choice variant; > 0: each expert takes at most ceil(capacity_factor * N * K / E) assignments.
+    capacity_factor: float = -1.0
     # Which layers get a MoE FFN: layer i is MoE iff i >= first_dense and (i - first_dense) % moe_every == 0.
     moe_every: int = 1
     first_dense: int = 0
@@ -69,76 +68,22 @@ class MoEConfig:
     router_jitter: float = 0.0  # multiplicative input jitter in training (Switch); 0 = off
     balance_coef: float = 0.01
     z_coef: float = 0.001
-    seq_balance_coef: float = 0.0  # aux-free's optional sequence-wise balance loss
-    bias_update_rate: float = 0.001  # aux-free's gamma
-    n_group: int = 1  # aux-free group-limited routing (DeepSeek-V3); 1 = off
+    seq_balance_coef: float = 0.0  # optional sequence-wise balance loss (variants that define one)
+    bias_update_rate: float = 0.001  # gamma of a load-driven selection bias (DeepSeek-V3)
+    n_group: int = 1  # group-limited routing (DeepSeek-V3); 1 = off
     topk_group: int = 1
-    slots_per_expert: int = 1  # soft MoE
+    slots_per_expert: int = 1  # slots per expert (Soft MoE)
     dispatch: str = "sorted"
 
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        if self.variant == "dense" or layer_idx < self.first_dense:
-            return False
-        return (layer_idx - self.first_dense) % self.moe_every == 0
-
-    def active_experts_per_token(self) -> float:
-        """Routed experts a token runs through on average (for active-parameter accounting)."""
-        if self.variant == "dense":
-            return 1.0
-        if self.variant == "basic":
-            return float(self.n_expert)
-        if self.variant == "soft":  # slots per sequence; GPT.num_params divides by the context length
-            return float(self.slots_per_expert * self.n_expert)
-        if self.variant == "switch":
-            return 1.0
-        if self.variant == "expert-choice":
-            return float(self.top_k) * (self.capacity_factor if self.capacity_factor > 0 else 1.0)
-        return float(self.top_k)
-
-    def resolved_expert_hidden(self, ffn_hidden: int) -> int:
-        if self.expert_hidden:
-            return self.expert_hidden
-        if self.variant == "soft":
-            # A soft MoE layer's cost depends on sequence length; size experts like top-k ones.
-            share = self.top_k
-        elif self.variant == "shared":
-            share = self.top_k + self.n_shared
-        else:
-            share = self.active_experts_per_token()
-        return max(1, int(round(ffn_hidden / share)))
-
-    def resolved_capacity_factor(self) -> float:
-        if self.variant == "switch" and self.capacity_factor <= 0:
-            return 1.25
-        if self.variant == "expert-choice" and self.capacity_factor <= 0:
-            return 1.0
-        return self.capacity_factor
-
     def problems(self) -> list[str]:
-        from moegpt.moe import VARIANTS  # local: the registry imports this module
-
+        """Checks that hold for every variant; each variant adds its own (moegpt.moe.variant_problems)."""
         out = []
-        if self.variant not in VARIANTS:
-            out.append(f"unknown MoE variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
-            return out
         if self.n_expert < 1:
             out.append(f"moe.n_expert must be >= 1 (got {self.n_expert})")
-        elif self.variant not in ("dense", "basic", "soft", "switch") and not 1 <= self.top_k <= self.n_expert:
-            out.append(f"moe.top_k must be in [1, n_expert={self.n_expert}] (got {self.top_k})")
-        elif self.variant == "soft" and self.top_k < 1:  # soft sizes its experts like top-k ones
-            out.append(f"moe.top_k must be >= 1 (got {self.top_k})")
-        if self.activation not in ACTIVATIONS:
-            out.append(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        if self.dispatch not in DISPATCH_BACKENDS:
-            out.append(f"unknown dispatch backend {self.dispatch!r}; valid: {', '.join(DISPATCH_BACKENDS)}")
         if not math.isfinite(self.capacity_factor):
             out.append(f"moe.capacity_factor must be finite (got {self.capacity_factor})")
-        elif self.variant == "expert-choice" and self.capacity_factor < 0:
-            out.append(f"moe.capacity_factor must be >= 0 for expert-choice (got {self.capacity_factor})")
         if self.expert_hidden < 0:
             out.append(f"moe.expert_hidden must be >= 0 (got {self.expert_hidden})")
-        if self.variant == "shared" and self.n_shared < 0:
-            out.append(f"moe.n_shared must be >= 0 (got {self.n_shared})")
         if self.moe_every < 1:
             out.append(f"moe.moe_every must be >= 1 (got {self.moe_every})")
         if self.first_dense < 0:
@@ -147,15 +92,6 @@ class MoEConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 out.append(f"moe.{name} must be a finite number >= 0 (got {value})")
-        if self.variant == "aux-free":
-            if self.n_group < 1 or self.n_expert % self.n_group:
-                out.append(f"moe.n_group ({self.n_group}) must be >= 1 and divide n_expert ({self.n_expert})")
-            elif not 1 <= self.topk_group <= self.n_group:
-                out.append(f"moe.topk_group must be in [1, n_group={self.n_group}] (got {self.topk_group})")
-            elif self.n_group > 1 and self.top_k > self.topk_group * (self.n_expert // self.n_group):
-                out.append("moe.top_k exceeds the experts in the kept groups (topk_group * n_expert / n_group)")
-        if self.variant == "soft" and self.slots_per_expert < 1:
-            out.append(f"moe.slots_per_expert must be >= 1 (got {self.slots_per_expert})")
         return out
 
 
@@ -245,23 +181,22 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise MoegptError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise MoegptError(f"malformed TOML in {path}: {err}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_toml(path))
 
     def problems(self) -> list[str]:
+        """The generic checks of every section; `moegpt.moe.validate_run_config` adds the variant's own."""
         return self.model.problems() + self.moe.problems() + self.train.problems()
 
-    def validate(self) -> RunConfig:
-        problems = self.problems()
-        if problems:
-            raise MoegptError("; ".join(problems))
-        return self
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables, or MoegptError naming the file (missing, unreadable or malformed)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise MoegptError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise MoegptError(f"malformed TOML in {path}: {err}") from None
 
 
 def section_from_dict(section_cls: type, raw: Any, section: str) -> Any:

@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from moegpt.errors import MoegptError
+from moegpt.inspect.stats import top1_of_choices
+from moegpt.moe import is_causal_variant
 from moegpt.moe.stats import generating
 
 if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here would be a cycle
@@ -44,17 +47,18 @@ if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here
 # ---- sampling -------------------------------------------------------------------------------------------
 
 def sampling_problems(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                      max_new_tokens: int = 0) -> list[str]:
-    """What is wrong with these sampling settings (empty when they are fine)."""
-    out = []
+                      max_new_tokens: int = 0) -> dict[str, str]:
+    """What is wrong with these sampling settings: {parameter name: what is wrong} (empty when fine).
+    Callers prefix each message with the name they know the parameter by (an argument, a CLI flag)."""
+    out = {}
     if not (math.isfinite(temperature) and temperature >= 0):
-        out.append(f"temperature must be a finite number >= 0 (got {temperature}; 0 = greedy)")
+        out["temperature"] = f"must be a finite number >= 0 (got {temperature}; 0 = greedy)"
     if top_k is not None and top_k < 0:
-        out.append(f"top-k must be >= 0 (got {top_k}; 0 = off)")
+        out["top_k"] = f"must be >= 0 (got {top_k}; 0 = off)"
     if top_p is not None and not (0.0 < top_p <= 1.0):  # also catches NaN
-        out.append(f"top-p must be in (0, 1] (got {top_p}; 1 = off)")
+        out["top_p"] = f"must be in (0, 1] (got {top_p}; 1 = off)"
     if max_new_tokens < 0:
-        out.append(f"max-new-tokens must be >= 0 (got {max_new_tokens})")
+        out["max_new_tokens"] = f"must be >= 0 (got {max_new_tokens})"
     return out
 
 
@@ -99,12 +103,8 @@ class LayerRouting:
     dropped_BTK: Tensor | None = None
 
     def top1_BT(self) -> Tensor:
-        """The expert with the largest combine weight per token; -1 where no expert took it (dropped)."""
-        live_BTK = (self.expert_idx_BTK >= 0) & (self.expert_weight_BTK > 0)
-        weight_BTK = self.expert_weight_BTK.float().masked_fill(~live_BTK, -1.0)
-        best_BT1 = weight_BTK.argmax(dim=-1, keepdim=True)
-        top_BT = self.expert_idx_BTK.gather(-1, best_BT1).squeeze(-1)
-        return torch.where(live_BTK.any(dim=-1), top_BT, torch.full_like(top_BT, -1))
+        """Each token's top-1 expert (moegpt.inspect.stats.top1_of_choices); -1 where no expert took it."""
+        return top1_of_choices(self.expert_idx_BTK, self.expert_weight_BTK, self.dropped_BTK)
 
 
 def _capture(stats: list[Any], batch: int, last: int) -> list[LayerRouting | None]:
@@ -160,20 +160,17 @@ class Generation:
     used_cache: bool
     seconds: float
 
-    @property
-    def new_tokens_BT(self) -> Tensor:
-        return self.tokens_BL[:, self.prompt_len:]
 
 
 def model_is_causal(model: GPT) -> bool:
     """True when every FFN of the model is causal (a KV cache is then exact)."""
-    return all(bool(getattr(block.ffn, "is_causal", True)) for block in model.blocks)
+    return not model.moe_layers or is_causal_variant(model.moe_config.variant)
 
 
 def _resolve_cache(model: GPT, use_cache: bool | None) -> bool:
     causal = model_is_causal(model)
     if use_cache and not causal:
-        raise ValueError(f"{model.moe_config.variant} is not causal: a KV cache would reuse stale activations "
+        raise MoegptError(f"{model.moe_config.variant} is not causal: a KV cache would reuse stale activations "
                          "(use use_cache=False or None)")
     if use_cache is None and not causal:
         warnings.warn(f"{model.moe_config.variant} is not causal: no KV cache, the window is recomputed every step",
@@ -186,7 +183,7 @@ def _as_batch(idx: Tensor | Sequence[int], device: torch.device) -> Tensor:
     if idx_BT.dim() == 1:
         idx_BT = idx_BT[None]
     if idx_BT.dim() != 2 or idx_BT.shape[1] == 0:
-        raise ValueError(f"prompt must be [T] or [B, T] token ids with T >= 1 (got shape {tuple(idx_BT.shape)})")
+        raise MoegptError(f"prompt must be [T] or [B, T] token ids with T >= 1 (got shape {tuple(idx_BT.shape)})")
     return idx_BT
 
 
@@ -202,13 +199,14 @@ def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int,
     tokens/s for the default model); its previous mode is restored afterwards. The token buffer is
     made outside it, so returned tokens are ordinary tensors.
     """
-    problems = sampling_problems(temperature, top_k, top_p, max_new_tokens)
+    problems = [f"{name} {what}" for name, what in
+                sampling_problems(temperature, top_k, top_p, max_new_tokens).items()]
     block = model.config.block_size
     keep = max(1, block // 2) if context_keep is None else context_keep
     if not 1 <= keep <= block:
         problems.append(f"context_keep must be in [1, block_size={block}] (got {context_keep})")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise MoegptError("; ".join(problems))
     cached = _resolve_cache(model, use_cache)
     device = next(model.parameters()).device
     prompt_BT = _as_batch(idx, device)
@@ -319,9 +317,9 @@ def benchmark_generation(model: GPT, prompt_ids: Tensor | Sequence[int], new_tok
     round, as `moegpt bench layer|model` report ratios; `speedup_best` is the ratio of the best runs.
     """
     if repeats < 1 or new_tokens < 1:
-        raise ValueError(f"repeats and new_tokens must be >= 1 (got {repeats}, {new_tokens})")
+        raise MoegptError(f"repeats and new_tokens must be >= 1 (got {repeats}, {new_tokens})")
     if not model_is_causal(model):
-        raise ValueError(f"{model.moe_config.variant} is not causal: it cannot use a KV cache")
+        raise MoegptError(f"{model.moe_config.variant} is not causal: it cannot use a KV cache")
     block = model.config.block_size
     keep = context_keep or max(1, block // 2)
     results: dict[str, Any] = {"new_tokens": new_tokens, "prompt_tokens": _as_batch(prompt_ids, "cpu").shape[1],

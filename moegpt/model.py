@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.moe import RouterStats, build_ffn
+from moegpt.errors import MoegptError
+from moegpt.moe import FFNLayer, RouterStats, build_ffn, moe_layer_indices
+from moegpt.moe.layer import AllReduce
 
 IGNORE_INDEX = -1
 
@@ -164,12 +166,17 @@ class GPT(nn.Module):
         for name, p in module.named_parameters(recurse=False):
             if name in ("w_in", "w_out"):  # expert banks and dense MLPs
                 nn.init.normal_(p, mean=0.0, std=0.02)
-        if hasattr(module, "noise"):  # noisy-topk starts with no learned noise beyond softplus(0)
-            nn.init.zeros_(module.noise.weight)
+        if isinstance(module, FFNLayer):
+            module.init_parameters()
+
+    def after_optimizer_step(self, all_reduce: AllReduce) -> None:
+        """Every FFN layer's hook (e.g. aux-free's bias update); `all_reduce` sums a tensor over the DP ranks."""
+        for block in self.blocks:
+            block.ffn.after_optimizer_step(all_reduce)
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i in range(len(self.blocks)) if self.moe_config.is_moe_layer(i)]
+        return moe_layer_indices(self.moe_config, len(self.blocks))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
                 all_logits: bool = False) -> GPTOutput:
@@ -181,7 +188,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+            raise MoegptError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if cache is not None:
             cache.start(len(self.blocks))
         x = self.wte(idx) + self.wpe.weight[past:past + T]  # = wpe(arange(past, past + T)), one op cheaper
@@ -204,19 +211,6 @@ class GPT(nn.Module):
             return GPTOutput(logits, loss, stats)
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return GPTOutput(logits, None, stats)
-
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool | None = None,
-                 context_keep: int | None = None) -> Tensor:
-        """Prompt ids [B, T] (or [T]) -> [B, T + max_new_tokens]; temperature 0 = greedy.
-
-        use_cache None = KV cache for causal variants, full recomputation for non-causal ones. Past
-        block_size the window slides to its newest `context_keep` tokens (see moegpt.generate).
-        """
-        from moegpt.generate import generate  # local: moegpt.generate refers back to this module
-
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
-                        context_keep).tokens_BL
 
     # ---- accounting -----------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from moegpt.config import RunConfig, apply_override, section_from_dict
+from moegpt.config import RunConfig, apply_override, read_toml, section_from_dict
 from moegpt.errors import MoegptError
+from moegpt.moe import validate_run_config
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default: a MoE (8 experts, top-2, experts sized for equal active params with the dense
@@ -58,14 +56,7 @@ def resolve_config(preset: str = "cpu", config_path: str | None = None,
     not passed, so never overrides the file), then `--set section.key=value` assignments."""
     cfg = preset_config(preset)
     if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise MoegptError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise MoegptError(f"malformed TOML in {path}: {err}") from None
-        cfg = merge_into(cfg, raw)
+        cfg = merge_into(cfg, read_toml(config_path))
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
@@ -75,5 +66,5 @@ def resolve_config(preset: str = "cpu", config_path: str | None = None,
         setattr(cfg, section, section_from_dict(type(target), values, section))
     for assignment in sets or []:
         apply_override(cfg, assignment)
-    return cfg.validate()
+    return validate_run_config(cfg)
 

@@ -32,6 +32,7 @@ from moegpt.data import TokenDataset, ensure_prepared
 from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
 from moegpt.inspect.stats import layer_summary
 from moegpt.model import GPT, aux_losses
+from moegpt.moe import layer_facts
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
 
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -213,7 +214,8 @@ class Trainer:
         counts = raw_model.num_params()
         self.emit("start", run_dir=str(run_dir), config=cfg.to_dict(), params=counts, device=str(self.device),
                   precision=self.precision, resumed_from=resumed_from, start_step=step,
-                  world_size=self.dist.world_size, moe_layers=raw_model.moe_layers)
+                  world_size=self.dist.world_size, moe_layers=raw_model.moe_layers,
+                  moe_facts=layer_facts(cfg.model, cfg.moe))
 
         def checkpoint_state() -> dict[str, Any]:
             rng = {"torch": torch.get_rng_state()}
@@ -237,7 +239,6 @@ class Trainer:
 
         tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * self.dist.world_size
         fault_step = int(os.environ.get(FAULT_NAN_ENV, "0"))
-        aux_free_layers = [m for m in raw_model.modules() if hasattr(m, "update_bias")]
         wall_start = window_start = time.perf_counter()
         window_tokens, last_val, start_step = 0, None, step
         model.train()
@@ -268,10 +269,7 @@ class Trainer:
                                        f"step, last good checkpoint: {manager.latest() or 'none'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for layer in aux_free_layers:
-                if self.dist.enabled:
-                    dist.all_reduce(layer.pending_load)
-                layer.update_bias()
+            raw_model.after_optimizer_step(dist.all_reduce if self.dist.enabled else _no_reduce)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
@@ -375,6 +373,10 @@ def _log_record(step: int, tokens: int, lr: float, out, aux: dict, grad_norm: to
                               "z": round(float(stats[layer].z.detach()), 5), **summary})
     record["layers"] = per_layer
     return record
+
+
+def _no_reduce(tensor: torch.Tensor) -> None:
+    """One process: a sum over ranks is the tensor itself."""
 
 
 def _has_checkpoints(run_dir: Path) -> bool:

@@ -10,7 +10,7 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from moegpt.bench import interleaved_times, paired_ratio
+from moegpt.bench import interleaved_times, paired_ratio, significant
 from moegpt.cli.main import app
 
 runner = CliRunner()
@@ -34,6 +34,10 @@ def test_interleaved_times_runs_every_case_once_per_round():
                               warmup=1, device=torch.device("cpu"))
     assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up, then rounds
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_significant_keeps_small_rates_positive():
+    assert significant(0.0412345) == 0.04123 and significant(1234.5678) == 1235.0 and significant(0.0) == 0.0
 
 
 def test_bench_layer_json():

@@ -8,8 +8,6 @@ import pytest
 import tomllib
 
 from moegpt.config import (
-    ACTIVATIONS,
-    DISPATCH_BACKENDS,
     ModelConfig,
     MoEConfig,
     RunConfig,
@@ -17,7 +15,7 @@ from moegpt.config import (
     apply_override,
 )
 from moegpt.errors import MoegptError
-from moegpt.moe import VARIANTS
+from moegpt.moe import ACTIVATIONS, BACKENDS, VARIANTS, validate_run_config, variant_problems
 from moegpt.presets import PRESETS, preset_config, resolve_config
 
 
@@ -32,15 +30,16 @@ def custom_config() -> RunConfig:
 
 
 def problems_of(**moe_kw) -> str:
-    return "; ".join(RunConfig(moe=MoEConfig(**moe_kw)).problems())
+    cfg = RunConfig(moe=MoEConfig(**moe_kw))
+    return "; ".join(cfg.problems() + variant_problems(cfg.moe))
 
 
 # ---- strict from_dict ----------------------------------------------------------------------------
 
 def test_defaults_and_every_preset_validate():
-    RunConfig().validate()
+    validate_run_config(RunConfig())
     for name in PRESETS:
-        preset_config(name).validate()
+        validate_run_config(preset_config(name))
 
 
 def test_unknown_key_raises_naming_it():
@@ -106,7 +105,7 @@ def test_load_errors_are_one_line_moegpt_errors(tmp_path):
 
 def test_n_embd_must_divide_by_n_head():
     with pytest.raises(MoegptError, match=r"n_embd \(30\) must be divisible by model.n_head \(4\)"):
-        RunConfig(model=ModelConfig(n_embd=30, n_head=4)).validate()
+        validate_run_config(RunConfig(model=ModelConfig(n_embd=30, n_head=4)))
 
 
 @pytest.mark.parametrize("top_k", [0, 9, -1])
@@ -125,8 +124,8 @@ def test_every_variant_builds_with_its_defaults():
     from moegpt.model import GPT
 
     for variant in VARIANTS:
-        cfg = RunConfig(model=ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=32),
-                        moe=MoEConfig(variant=variant)).validate()
+        cfg = validate_run_config(RunConfig(model=ModelConfig(n_layer=1, n_embd=16, n_head=2, block_size=8,
+                                                              vocab_size=32), moe=MoEConfig(variant=variant)))
         GPT(cfg.model, cfg.moe)
 
 
@@ -138,11 +137,11 @@ def test_unknown_variant_lists_valid_names():
 
 
 @pytest.mark.parametrize("moe_kw,fragment", [
-    ({"variant": "expert-choice", "capacity_factor": -1.0},
-     "moe.capacity_factor must be >= 0 for expert-choice"),
+    ({"variant": "expert-choice", "capacity_factor": 0.0},
+     "moe.capacity_factor must be > 0 for expert-choice"),
     ({"capacity_factor": float("nan")}, "moe.capacity_factor must be finite"),
     ({"activation": "tanh"}, "unknown activation 'tanh'; valid: " + ", ".join(ACTIVATIONS)),
-    ({"dispatch": "magic"}, "unknown dispatch backend 'magic'; valid: " + ", ".join(DISPATCH_BACKENDS)),
+    ({"dispatch": "magic"}, "unknown dispatch backend 'magic'; valid: " + ", ".join(BACKENDS)),
     ({"n_expert": 0}, "moe.n_expert must be >= 1"),
     ({"expert_hidden": -4}, "moe.expert_hidden must be >= 0"),
     ({"variant": "shared", "n_shared": -1}, "moe.n_shared must be >= 0"),
@@ -161,8 +160,9 @@ def test_moe_validation_messages(moe_kw, fragment):
     assert fragment in problems_of(**moe_kw)
 
 
-def test_negative_capacity_is_dropless_for_token_choice():
-    assert problems_of(variant="topk", capacity_factor=-1.0) == ""
+def test_negative_capacity_means_the_variants_default():
+    for variant in VARIANTS:
+        assert problems_of(variant=variant, capacity_factor=-1.0) == "", variant
 
 
 @pytest.mark.parametrize("train_kw,fragment", [
@@ -179,20 +179,8 @@ def test_train_validation_messages(train_kw, fragment):
 def test_validate_reports_every_problem_in_one_error():
     cfg = RunConfig(model=ModelConfig(n_embd=30, n_head=4), moe=MoEConfig(top_k=0))
     with pytest.raises(MoegptError) as err:
-        cfg.validate()
+        validate_run_config(cfg)
     assert "n_head" in str(err.value) and "top_k" in str(err.value) and "\n" not in str(err.value)
-
-
-def test_is_moe_layer_and_expert_sizes():
-    moe = MoEConfig(moe_every=2, first_dense=1)
-    assert [i for i in range(6) if moe.is_moe_layer(i)] == [1, 3, 5]
-    assert not MoEConfig(variant="dense").is_moe_layer(0)
-    assert MoEConfig(top_k=2).resolved_expert_hidden(512) == 256
-    assert MoEConfig(variant="shared", top_k=2, n_shared=2).resolved_expert_hidden(512) == 128
-    assert MoEConfig(variant="switch", top_k=4).resolved_expert_hidden(512) == 512
-    assert MoEConfig(expert_hidden=40).resolved_expert_hidden(512) == 40
-    assert MoEConfig(variant="switch").resolved_capacity_factor() == 1.25
-    assert MoEConfig(variant="topk").resolved_capacity_factor() == 0.0
 
 
 # ---- overrides and precedence --------------------------------------------------------------------

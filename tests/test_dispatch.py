@@ -14,8 +14,9 @@ import zlib
 import pytest
 import torch
 
-from moegpt.config import ACTIVATIONS, DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
+from moegpt.moe import ACTIVATIONS
+from moegpt.moe import BACKENDS as DISPATCH_BACKENDS
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.experts import ExpertBank
 

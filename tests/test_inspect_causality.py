@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from moegpt.cli.main import app
+from moegpt.errors import MoegptError
 from moegpt.inspect.causality import perturb_suffix, probe_causality
 from moegpt.model import GPT
 from moegpt.presets import resolve_config
@@ -72,7 +73,7 @@ def test_probe_leaves_model_untouched():
 
 
 def test_probe_needs_enough_tokens():
-    with pytest.raises(ValueError, match="causality probe"):
+    with pytest.raises(MoegptError, match="causality probe"):
         probe_causality(model_for("topk"), tokens(8))
 
 

@@ -96,12 +96,12 @@ def test_train_split(runs):
 
 def test_variant_specific_numbers(runs):
     shared = json.loads(inspect(runs["shared"], "--format", "json", "--tokens", "512").stdout)
-    assert all(0 < x["shared_output_share"] < 1 for x in shared["layers"])
+    assert all(0 < x["extras"]["shared_output_share"] < 1 for x in shared["layers"])
     assert "shared experts' share" in inspect(runs["shared"], "--tokens", "512").output
     aux = json.loads(inspect(runs["aux-free"], "--format", "json", "--tokens", "512").stdout)
-    assert all(len(x["expert_bias"]) == 4 for x in aux["layers"])
+    assert all(len(x["extras"]["expert_bias"]) == 4 for x in aux["layers"])
     table = inspect(runs["aux-free"], "--tokens", "512")
-    assert table.exit_code == 0 and "expert bias (aux-free selection)" in table.output
+    assert table.exit_code == 0 and "expert bias (selection only)" in table.output
     ec = json.loads(inspect(runs["expert-choice"], "--format", "json", "--tokens", "512").stdout)
     assert ec["run"]["causal"] is False and all(x["dropped"] == 0 for x in ec["layers"])
 

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from moegpt.config import ModelConfig, MoEConfig
+from moegpt.errors import MoegptError
 from moegpt.model import GPT, IGNORE_INDEX, KVCache, Linear, aux_losses
-from moegpt.moe import VARIANTS
+from moegpt.moe import VARIANTS, variant_problems
 from moegpt.moe import dispatch as dispatch_module
 from moegpt.moe.dense import DenseFFN
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
 
-CAUSAL = [v for v in VARIANTS if VARIANTS[v].is_causal]
+CAUSAL = [v for v in VARIANTS if VARIANTS[v].causal]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -28,7 +29,7 @@ def model_cfg(**kw) -> ModelConfig:
 
 def moe_cfg(variant: str = "topk", **kw) -> MoEConfig:
     cfg = MoEConfig(**{"variant": variant, "n_expert": 4, "top_k": 2, **kw})
-    assert not cfg.problems(), cfg.problems()
+    assert not cfg.problems() + variant_problems(cfg), cfg.problems() + variant_problems(cfg)
     return cfg
 
 
@@ -74,7 +75,7 @@ def test_without_targets_only_the_last_position_unless_asked():
 
 
 def test_longer_than_block_size_raises():
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(MoegptError, match="block_size"):
         build("dense")(tokens(1, 17))
 
 
@@ -196,7 +197,7 @@ def test_kv_cache_respects_block_size():
     cache = KVCache()
     with torch.no_grad():
         model(tokens(1, 16), cache=cache)
-        with pytest.raises(ValueError, match="block_size"):
+        with pytest.raises(MoegptError, match="block_size"):
             model(tokens(1, 1), cache=cache)
 
 
@@ -229,7 +230,7 @@ def test_which_layers_are_moe(n_layer, moe_every, first_dense, expected):
     model = build("topk", model_kw={"n_layer": n_layer}, moe_every=moe_every, first_dense=first_dense)
     assert model.moe_layers == expected
     for i, block in enumerate(model.blocks):
-        assert isinstance(block.ffn, VARIANTS["topk"] if i in expected else DenseFFN), i
+        assert isinstance(block.ffn, VARIANTS["topk"].layer if i in expected else DenseFFN), i
     stats = model(tokens(1, 8), tokens(1, 8, seed=1)).router_stats
     assert [i for i, s in enumerate(stats) if s.is_routed] == expected
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moegpt.config import ModelConfig, MoEConfig
+from moegpt.moe import variant_problems
 from moegpt.moe.aux_free import AuxFreeMoE
 
 C = 16
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def aux_free(seed: int = 0, **kw) -> AuxFreeMoE:
     cfg = MoEConfig(**{"variant": "aux-free", "n_expert": 4, "top_k": 2, "expert_hidden": 8, **kw})
-    assert not cfg.problems(), cfg.problems()
+    assert not cfg.problems() + variant_problems(cfg), cfg.problems() + variant_problems(cfg)
     layer = AuxFreeMoE(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=C), cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

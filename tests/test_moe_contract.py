@@ -10,11 +10,11 @@ import torch
 
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.model import GPT
-from moegpt.moe import DESCRIPTIONS, VARIANTS, RouterStats, is_causal_variant
+from moegpt.moe import VARIANTS, RouterStats, is_causal_variant, variant_problems
 
 C = 32
-CAUSAL = [v for v in VARIANTS if VARIANTS[v].is_causal]
-NON_CAUSAL = [v for v in VARIANTS if not VARIANTS[v].is_causal]
+CAUSAL = [v for v in VARIANTS if VARIANTS[v].causal]
+NON_CAUSAL = [v for v in VARIANTS if not VARIANTS[v].causal]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -26,13 +26,13 @@ def model_cfg(**kw) -> ModelConfig:
 
 def moe_cfg(variant: str, **kw) -> MoEConfig:
     cfg = MoEConfig(**{"variant": variant, "n_expert": 4, "top_k": 2, "router_jitter": 0.1, **kw})
-    assert not cfg.problems(), cfg.problems()
+    assert not cfg.problems() + variant_problems(cfg), cfg.problems() + variant_problems(cfg)
     return cfg
 
 
 def build_layer(variant: str, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    layer = VARIANTS[variant](model_cfg(), moe_cfg(variant, **kw))
+    layer = VARIANTS[variant].layer(model_cfg(), moe_cfg(variant, **kw))
     with torch.no_grad():  # experts are allocated uninitialised; GPT initialises them, here we do
         for p in layer.parameters():
             p.normal_(0.0, 0.2)
@@ -46,11 +46,11 @@ def losses(stats: RouterStats) -> list[torch.Tensor]:
 # ---- registry ------------------------------------------------------------------------------------
 
 def test_registry_is_the_one_source():
-    assert set(DESCRIPTIONS) == set(VARIANTS)
+    assert all(spec.name == name and spec.description for name, spec in VARIANTS.items())
     assert {"dense", "topk", "switch", "expert-choice", "soft", "aux-free"} <= set(VARIANTS)
     assert set(NON_CAUSAL) >= {"expert-choice", "soft"}
     for v in VARIANTS:
-        assert is_causal_variant(v) == VARIANTS[v].is_causal
+        assert is_causal_variant(v) == VARIANTS[v].causal
 
 
 # ---- contract ------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moegpt.config import DISPATCH_BACKENDS, ModelConfig, MoEConfig
-from moegpt.moe import VARIANTS
+from moegpt.config import ModelConfig, MoEConfig
+from moegpt.moe import BACKENDS as DISPATCH_BACKENDS
+from moegpt.moe import VARIANTS, variant_problems
 from moegpt.moe.dense import DenseFFN
 
 C, H, E = 32, 16, 4
@@ -22,8 +23,8 @@ def model_cfg() -> ModelConfig:
 
 def layer(variant: str, seed: int = 0, **kw) -> torch.nn.Module:
     cfg = MoEConfig(**{"variant": variant, "n_expert": E, "top_k": 2, "expert_hidden": H, **kw})
-    assert not cfg.problems(), cfg.problems()
-    module = VARIANTS[variant](model_cfg(), cfg)
+    assert not cfg.problems() + variant_problems(cfg), cfg.problems() + variant_problems(cfg)
+    module = VARIANTS[variant].layer(model_cfg(), cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -131,7 +132,7 @@ def test_layer_output_and_gradients_do_not_depend_on_the_backend(variant, backen
     results = []
     for name in ("loop", backend):
         # capacity 1.0 on the capacity-capable token-choice variants, so dropped choices are exercised
-        capacity = 1.0 if variant in ("topk", "switch", "shared", "aux-free", "noisy-topk") else 0.0
+        capacity = 1.0 if variant in ("topk", "switch", "shared", "aux-free", "noisy-topk") else -1.0
         module = layer(variant, dispatch=name, capacity_factor=capacity, router_jitter=0.1)
         x = x_input().requires_grad_(True)
         torch.manual_seed(0)  # the same noise and jitter for both backends

@@ -64,7 +64,7 @@ def test_balance_matches_hand_computation_with_empty_choices():
 @pytest.mark.parametrize("variant", ["topk", "switch"])
 def test_balance_has_a_router_gradient_at_k1(variant):
     cfg = MoEConfig(variant=variant, n_expert=4, top_k=1, normalize_topk=True, capacity_factor=4.0)
-    layer = VARIANTS[variant](ModelConfig(n_embd=16, n_head=2), cfg)
+    layer = VARIANTS[variant].layer(ModelConfig(n_embd=16, n_head=2), cfg)
     torch.nn.init.normal_(layer.router.weight, std=0.5)
     _, stats = layer(torch.randn(2, 8, 16))
     stats.balance.backward()
@@ -158,7 +158,7 @@ def test_layer_losses_ignore_masked_positions(variant):
     """Through a whole layer: positions whose mask is False do not move balance, z or seq_balance."""
     cfg = MoEConfig(variant=variant, n_expert=4, top_k=2, seq_balance_coef=0.1)
     torch.manual_seed(0)
-    layer = VARIANTS[variant](ModelConfig(n_embd=16, n_head=2), cfg).eval()
+    layer = VARIANTS[variant].layer(ModelConfig(n_embd=16, n_head=2), cfg).eval()
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 6, 16)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from moegpt.cli.main import app
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.generate import Utf8StreamDecoder, generate
+from moegpt.generate import Utf8StreamDecoder, generate, sampling_problems
 from moegpt.model import GPT
 from moegpt.moe import VARIANTS, is_causal_variant
 
@@ -24,7 +24,7 @@ def tiny_model(variant: str, block_size: int = 16, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     # capacity large enough that nothing is ever dropped: drops legitimately differ between a cached
     # step (one token routed) and a recomputed window (see moegpt.generate)
-    moe = MoEConfig(variant=variant, n_expert=4, top_k=2, capacity_factor=100.0 if variant == "switch" else 0.0)
+    moe = MoEConfig(variant=variant, n_expert=4, top_k=2, capacity_factor=100.0 if variant == "switch" else -1.0)
     model = GPT(ModelConfig(vocab_size=50, block_size=block_size, n_layer=2, n_head=2, n_embd=32), moe)
     for p in model.parameters():  # sharper weights than the init, so greedy paths are not trivially flat
         p.data.add_(torch.randn_like(p) * 0.3)
@@ -64,12 +64,12 @@ def test_non_causal_variants_recompute(variant):
     assert not out.used_cache and out.tokens_BL.shape == (1, 8)
 
 
-def test_library_generate_method_and_seed_determinism():
+def test_library_generate_and_seed_determinism():
     model = tiny_model("topk")
     prompt = torch.tensor([[7, 8, 9]])
-    a = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(5))
-    b = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(5))
-    c = model.generate(prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(6))
+    a = generate(model, prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(5)).tokens_BL
+    b = generate(model, prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(5)).tokens_BL
+    c = generate(model, prompt, 10, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(6)).tokens_BL
     assert torch.equal(a, b) and a.shape == (1, 13)
     assert not torch.equal(a, c)
 
@@ -77,7 +77,7 @@ def test_library_generate_method_and_seed_determinism():
 def test_generated_tokens_can_feed_a_training_step():
     """Generation runs under inference_mode; what it returns must still be an ordinary tensor."""
     model = tiny_model("topk")
-    tokens = model.generate(torch.tensor([[1, 2, 3]]), 6, temperature=0)
+    tokens = generate(model, torch.tensor([[1, 2, 3]]), 6, temperature=0).tokens_BL
     assert not tokens.is_inference()
     model.train()
     out = model(tokens[:, :-1], tokens[:, 1:])
@@ -150,8 +150,8 @@ def test_cli_routing_json(char_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top-p"), (["--top-p", "1.5"], "top-p"),
-    (["--top-k", "-1"], "top-k"), (["--max-new-tokens", "-1"], "max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
+    (["--sample-top-k", "-1"], "--sample-top-k"), (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--prompt", "€ 漢"], "outside this run's char vocabulary"), (["--prompt", "x" * 100], "block_size"),
     (["--show-routing", "7"], "not a MoE layer"),
 ])
@@ -160,6 +160,21 @@ def test_cli_bad_input(char_run, args, fragment):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moegpt: error:") and fragment in lines[0], result.stderr
+
+
+def test_sampling_cutoff_is_sample_top_k_and_top_k_stays_a_train_flag(char_run):
+    # --top-k means experts per token in `train`; `sample` spells its cutoff --sample-top-k
+    old = runner.invoke(app, ["sample", str(char_run), "--top-k", "5", "--max-new-tokens", "2"])
+    assert old.exit_code == 2 and "--top-k" in old.stderr
+    new = runner.invoke(app, ["sample", str(char_run), "--sample-top-k", "5", "--max-new-tokens", "2", "--seed", "1"])
+    assert new.exit_code == 0, new.output
+    assert "--sample-top-k" in runner.invoke(app, ["sample", "--help"]).output
+
+
+def test_library_sampling_errors_name_parameters_not_flags():
+    problems = sampling_problems(temperature=-1.0, top_k=-1, top_p=0.0, max_new_tokens=-1)
+    assert set(problems) == {"temperature", "top_k", "top_p", "max_new_tokens"}
+    assert not any("--" in what for what in problems.values())
 
 
 def test_cli_missing_and_corrupt_checkpoint(char_run, tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moegpt.inspect.stats import top1_expert
+from moegpt.errors import MoegptError
 from moegpt.model import GPT, KVCache
 
 # Relative to the logits' scale. A causal model measures exactly 0 on CPU fp32; the slack is for kernels whose
@@ -106,14 +106,15 @@ def _expert_mask(idx_NK: Tensor, n_expert: int) -> Tensor:
 
 
 def _chosen_sets(stats_list, moe_layers: list[int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-    """Per MoE layer: top-1 expert [N], the chosen-expert mask [N, E] and the kept (after capacity drops) mask."""
+    """Per MoE layer: the router's first choice [N] (rank 0 of the chosen experts, before capacity drops: what the
+    router decided, whether or not the expert had room), the chosen-expert mask [N, E] and the kept mask."""
     out = {}
     for layer in moe_layers:
         s = stats_list[layer]
         if not s.is_routed:
             continue
         kept_NK = s.expert_idx_NK if s.dropped_NK is None else s.expert_idx_NK.masked_fill(s.dropped_NK, -1)
-        out[layer] = (top1_expert(s).cpu(), _expert_mask(s.expert_idx_NK, s.n_expert),
+        out[layer] = (s.expert_idx_NK[:, 0].long().cpu(), _expert_mask(s.expert_idx_NK, s.n_expert),
                       _expert_mask(kept_NK, s.n_expert))
     return out
 
@@ -174,7 +175,7 @@ def probe_causality(model: GPT, token_ids: Tensor, n_seq: int = 4, seq_len: int 
     try:
         T = min(seq_len or model.config.block_size, model.config.block_size, len(token_ids) // max(n_seq, 1))
         if T < 4:
-            raise ValueError(f"need at least {4 * n_seq} tokens for the causality probe (got {len(token_ids)})")
+            raise MoegptError(f"need at least {4 * n_seq} tokens for the causality probe (got {len(token_ids)})")
         device = next(model.parameters()).device
         idx_BT = torch.as_tensor(token_ids[:n_seq * T], dtype=torch.long).reshape(n_seq, T).to(device)
         cuts = sorted({T // 4, T // 2, (3 * T) // 4})

@@ -31,15 +31,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moegpt.errors import MoegptError
 from moegpt.inspect.stats import coefficient_of_variation, entropy_sum, load_imbalance, margin_sum, top1_expert
+from moegpt.moe import variant_spec
+from moegpt.moe.spec import ExtraStat
 from moegpt.moe.stats import RouterStats
 
 
 class LayerAccumulator:
     """Running counts of one MoE layer's routing facts."""
 
-    def __init__(self, layer: int, n_expert: int, vocab_size: int) -> None:
+    def __init__(self, layer: int, n_expert: int, vocab_size: int, extra_stats: tuple[ExtraStat, ...] = ()) -> None:
         self.layer, self.n_expert, self.vocab_size = layer, n_expert, vocab_size
+        self.extra_stats = extra_stats
         E = n_expert
         self.tokens = 0
         self.assigned_E = torch.zeros(E, dtype=torch.long)
@@ -55,9 +59,9 @@ class LayerAccumulator:
         self.loss_tokens = 0
         self.balance = 0.0
         self.z = 0.0
-        self.shared_tokens = 0
-        self.shared_share = 0.0
-        self.expert_bias_E: Tensor | None = None
+        self.extra_sums: dict[str, float] = {}  # token_mean extras: value * tokens, summed
+        self.extra_tokens: dict[str, int] = {}
+        self.extra_latest: dict[str, Tensor] = {}  # per_expert extras: the latest value
         self.token_expert_VE = torch.zeros(vocab_size * E, dtype=torch.long)  # flat [V, E]
         self.pair_EE = torch.zeros(E, E, dtype=torch.float64)  # tokens choosing both i and j (diag: i)
 
@@ -86,11 +90,7 @@ class LayerAccumulator:
         self.loss_tokens += N
         self.balance += float(stats.balance.detach()) * N
         self.z += float(stats.z.detach()) * N
-        if "shared_output_share" in stats.extras:
-            self.shared_tokens += N
-            self.shared_share += float(stats.extras["shared_output_share"]) * N
-        if "expert_bias" in stats.extras:
-            self.expert_bias_E = stats.extras["expert_bias"].detach().float().cpu()
+        self._add_extras(stats, N)
         tok_NK = tokens_N.detach().long().cpu()[:, None].expand_as(idx_NK)
         self.token_expert_VE += torch.bincount((tok_NK * E + idx_NK)[valid_NK], minlength=self.vocab_size * E)
         chosen_NE = torch.zeros(N, E + 1, dtype=torch.float64)
@@ -99,13 +99,37 @@ class LayerAccumulator:
         self.pair_EE += chosen_NE.t() @ chosen_NE
         return top1_N
 
+    def _add_extras(self, stats: RouterStats, N: int) -> None:
+        for extra in self.extra_stats:
+            value = stats.extras.get(extra.key)
+            if value is None:
+                continue
+            if extra.kind == "token_mean":
+                self.extra_sums[extra.key] = self.extra_sums.get(extra.key, 0.0) + float(value) * N
+                self.extra_tokens[extra.key] = self.extra_tokens.get(extra.key, 0) + N
+            else:
+                self.extra_latest[extra.key] = value.detach().float().cpu()
+
+    def extras_report(self) -> dict[str, Any]:
+        """The variant's declared statistics: {key: value} (null when a forward never reported it)."""
+        out: dict[str, Any] = {}
+        for extra in self.extra_stats:
+            if extra.kind == "token_mean":
+                tokens = self.extra_tokens.get(extra.key, 0)
+                out[extra.key] = _f(self.extra_sums[extra.key] / tokens, 4) if tokens else None
+            else:
+                latest = self.extra_latest.get(extra.key)
+                out[extra.key] = None if latest is None else [_f(x) for x in latest.tolist()]
+        return out
+
 
 class RoutingAccumulator:
     """Counts for every MoE layer, token frequencies, and top-1 contingency tables of consecutive MoE layers."""
 
-    def __init__(self, moe_layers: list[int], n_expert: int, vocab_size: int) -> None:
+    def __init__(self, moe_layers: list[int], n_expert: int, vocab_size: int,
+                 extra_stats: tuple[ExtraStat, ...] = ()) -> None:
         self.moe_layers, self.n_expert, self.vocab_size = list(moe_layers), n_expert, vocab_size
-        self.layers = {layer: LayerAccumulator(layer, n_expert, vocab_size) for layer in self.moe_layers}
+        self.layers = {layer: LayerAccumulator(layer, n_expert, vocab_size, extra_stats) for layer in self.moe_layers}
         self.token_count_V = torch.zeros(vocab_size, dtype=torch.long)
         self.tokens = 0
         E1 = n_expert + 1  # row/column 0: no expert
@@ -173,21 +197,7 @@ def _coactivation(acc: LayerAccumulator, top_pairs: int) -> dict[str, Any] | Non
     return {"pairs": pairs, "matrix": [[int(v) for v in row] for row in pair.tolist()]}
 
 
-def _notes(variant: str) -> list[str]:
-    return {
-        "basic": ["every expert runs on every token: loads are uniform by construction; entropy and margin "
-                  "describe the gates"],
-        "soft": ["soft MoE has no discrete routing: a token's 'chosen' experts are its top-k by combine weight, "
-                 "probabilities are the per-expert combine weights; no drops"],
-        "expert-choice": ["experts pick tokens: loads are equal by construction; unrouted_token_frac (tokens no "
-                          "expert picked) is the drop analogue; tokens may get 0..E experts"],
-        "aux-free": ["probabilities are sigmoid affinities scaled to sum to 1 per token; selection also adds "
-                     "expert_bias"],
-        "switch": ["top-1 with capacity: drop_rate counts tokens that overflowed their expert and rode the residual"],
-    }.get(variant, [])
-
-
-def layer_report(acc: LayerAccumulator, token_count_V: Tensor, variant: str, dead_threshold: float = 0.1,
+def layer_report(acc: LayerAccumulator, token_count_V: Tensor, notes: list[str], dead_threshold: float = 0.1,
                  decode: Callable[[int], str] | None = None, top_tokens: int = 5, min_count: int = 5,
                  top_pairs: int = 5) -> dict[str, Any]:
     """The JSON object of one MoE layer (see the module docstring for definitions)."""
@@ -216,11 +226,10 @@ def layer_report(acc: LayerAccumulator, token_count_V: Tensor, variant: str, dea
         "mean_router_prob": [_f(x) for x in (acc.prob_sum_E / P).tolist()] if acc.prob_tokens else None,
         "balance_loss": _f(acc.balance / max(acc.loss_tokens, 1)),
         "z_loss": _f(acc.z / max(acc.loss_tokens, 1)),
-        "shared_output_share": _f(acc.shared_share / acc.shared_tokens, 4) if acc.shared_tokens else None,
-        "expert_bias": None if acc.expert_bias_E is None else [_f(x) for x in acc.expert_bias_E.tolist()],
+        "extras": acc.extras_report(),
         "specialisation": _specialisation(acc, token_count_V, acc.tokens, decode, top_tokens, min_count),
         "coactivation": _coactivation(acc, top_pairs),
-        "notes": _notes(variant),
+        "notes": list(notes),
     }
 
 
@@ -247,11 +256,11 @@ def cross_layer_report(table: Tensor, from_layer: int, to_layer: int) -> dict[st
             "predictability": _f(mi / hy, 4) if hy > 0 else 1.0}
 
 
-def build_layer_reports(acc: RoutingAccumulator, variant: str, dead_threshold: float = 0.1,
+def build_layer_reports(acc: RoutingAccumulator, notes: list[str], dead_threshold: float = 0.1,
                         decode: Callable[[int], str] | None = None, top_tokens: int = 5, min_count: int = 5,
                         top_pairs: int = 5) -> dict[str, Any]:
     """{"layers": [...], "cross_layer": [...]} of the report from an accumulator."""
-    layers = [layer_report(a, acc.token_count_V, variant, dead_threshold, decode, top_tokens, min_count, top_pairs)
+    layers = [layer_report(a, acc.token_count_V, notes, dead_threshold, decode, top_tokens, min_count, top_pairs)
               for a in acc.layers.values() if a.tokens]
     cross = [cross_layer_report(t, a, b) for (a, b), t in acc.transitions.items()]
     return {"layers": layers, "cross_layer": cross}
@@ -278,12 +287,13 @@ def collect_routing(model: torch.nn.Module, token_ids: np.ndarray | Tensor, batc
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
     n = len(ids) - 1
     if n < 1:
-        raise ValueError("need at least two tokens")
+        raise MoegptError("need at least two tokens")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     cfg = model.config
-    acc = RoutingAccumulator(model.moe_layers, model.moe_config.n_expert, cfg.vocab_size)
+    spec = variant_spec(model.moe_config.variant)
+    acc = RoutingAccumulator(model.moe_layers, model.moe_config.n_expert, cfg.vocab_size, spec.extra_stats)
     windows = _windows(n, block_size)
     full = [w for w in windows if w[1] == block_size]
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + \

@@ -21,7 +21,7 @@ from moegpt.inspect.causality import probe_causality
 from moegpt.inspect.history import training_history
 from moegpt.inspect.report import build_layer_reports, collect_routing, route_text
 from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION
-from moegpt.moe import is_causal_variant
+from moegpt.moe import layer_facts, variant_spec
 from moegpt.runs import LoadedRun, load_run
 from moegpt.runtime import resolve_device
 
@@ -96,12 +96,13 @@ def held_out_tokens(run: LoadedRun, split: str, n_tokens: int) -> tuple[np.ndarr
 
 def _run_info(run: LoadedRun, path: str | Path) -> dict[str, Any]:
     cfg, best = run.config, run.state.get("best_val")
+    facts = layer_facts(cfg.model, cfg.moe)
     return {"path": str(path), "checkpoint": str(run.checkpoint), "checkpoint_sha256": checkpoint_hash(run.checkpoint),
             "variant": cfg.moe.variant, "n_layer": cfg.model.n_layer, "moe_layers": run.model.moe_layers,
-            "n_expert": cfg.moe.n_expert, "top_k": 1 if cfg.moe.variant == "switch" else cfg.moe.top_k,
-            "capacity_factor": cfg.moe.resolved_capacity_factor(), "step": int(run.state.get("step", 0)),
+            "n_expert": facts["n_expert"], "experts_per_token": facts["experts_per_token"],
+            "capacity_factor": facts["capacity_factor"], "step": int(run.state.get("step", 0)),
             "best_val_ce": float(best) if best is not None and math.isfinite(float(best)) else None,
-            "causal": is_causal_variant(cfg.moe.variant)}
+            "causal": facts["causal"]}
 
 
 def run_report(run: LoadedRun, path: str | Path, opts: InspectOptions, decode: bool = True) -> dict[str, Any]:
@@ -114,7 +115,8 @@ def run_report(run: LoadedRun, path: str | Path, opts: InspectOptions, decode: b
     batch = opts.batch_size or run.config.train.batch_size
     collected = collect_routing(run.model, ids, batch, block)
     tok = run.tokenizer() if decode and run.model.moe_layers else None
-    layers = build_layer_reports(collected.accumulator, run.config.moe.variant, opts.dead_threshold,
+    notes = list(variant_spec(run.config.moe.variant).report_notes)
+    layers = build_layer_reports(collected.accumulator, notes, opts.dead_threshold,
                                  decode=(lambda i: tok.decode([i])) if tok else None, top_tokens=opts.top_tokens,
                                  min_count=opts.min_count, top_pairs=opts.top_pairs)
     return {"run": _run_info(run, path),

@@ -1,12 +1,14 @@
-"""The versioned JSON schema of `moegpt inspect-routing --format json` (schema_version 1).
+"""The versioned JSON schema of `moegpt inspect-routing --format json` (schema_version 2).
 
 Bump SCHEMA_VERSION when a field is removed, renamed or changes meaning; adding a field is compatible.
 Numbers are plain JSON numbers (fractions in [0, 1] unless said otherwise); null = not applicable.
 
 Top level
   schema               "moegpt.routing-report"
-  schema_version       1
-  run                  {path, checkpoint, checkpoint_sha256, variant, n_layer, moe_layers, n_expert, top_k,
+  schema_version       2 (v2: run.top_k became run.experts_per_token; a layer's variant statistics moved
+                       into layer.extras)
+  run                  {path, checkpoint, checkpoint_sha256, variant, n_layer, moe_layers, n_expert,
+                        experts_per_token (routed experts a token runs through, from the variant's spec),
                         capacity_factor, step, best_val_ce (the checkpoint's best eval CE, null if none), causal}
   data                 {data_dir, split, tokens (positions routed), block_size, batch_size, windows,
                         fingerprint_matches_run (false: the data folder was re-prepared since training)}
@@ -24,7 +26,8 @@ Top level
                           per_layer_type: {type: {max_delta, source}}, per_module: [{module, layer,
                           max_delta_in, max_delta, source}], first_leak: null | {module, layer}},
                         cached_agreement: {tokens, max_delta_logits, min_top1_agreement, min_set_agreement,
-                          layers: [{layer, top1_agreement, set_agreement, kept_agreement}]}}
+                          layers: [{layer, top1_agreement (the router's first choice, before drops), set_agreement,
+                          kept_agreement}]}}
   text                 null, or {ids: [int], tokens: [str], top1: [{layer, experts: [int, -1 = none]}]}
   compare              null, or the run, data, val_ce and layers (without specialisation and co-activation
                         matrices) of the other run, computed the same way
@@ -34,7 +37,8 @@ Layer object
   assignments, kept, dropped           choices made, kept after capacity, dropped (assignments = kept + dropped)
   counts_before_drops, counts_after_drops   [n_expert] ints
   load_before_drops, load_after_drops       [n_expert] fractions of assignments (each sums to 1)
-  top1_load                            [n_expert] fraction of tokens whose first choice is the expert
+  top1_load                            [n_expert] fraction of tokens whose top-1 expert it is (largest combine weight
+                                       among the kept choices; tokens with every choice dropped have none)
   max_mean_load, max_mean_load_after_drops, cv_load (std/mean of counts_before_drops)
   dead_experts                         [int]
   drop_rate                            dropped / assignments
@@ -45,8 +49,9 @@ Layer object
   top1_top2_margin                     mean p_(1) - p_(2)
   mean_router_prob                     [n_expert] mean p per expert (the P of the balance loss)
   balance_loss, z_loss                 the layer's loss values, averaged over batches (weighted by tokens)
-  shared_output_share                  shared: mean |shared output| / (|shared| + |routed|); else null
-  expert_bias                          aux-free: the selection bias per expert; else null
+  extras                               {key: value}: the statistics the variant declares in its spec (empty for most;
+                                       shared: shared_output_share = mean |shared output| / (|shared| + |routed|);
+                                       aux-free: expert_bias = the selection bias per expert); null = not reported
   specialisation                       [{expert, tokens: [{id, text, count, share, lift}]}], top tokens by lift
                                        (count = assignments of the token to the expert, >= a minimum; share =
                                        count / occurrences of the token; lift = count / expected count)
@@ -63,13 +68,13 @@ import math
 from typing import Any
 
 SCHEMA_NAME = "moegpt.routing-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TOP_LEVEL = {"schema": str, "schema_version": int, "run": dict, "data": dict, "val_ce": float,
              "dead_threshold": float, "layers": list, "cross_layer": list}
 OPTIONAL_TOP_LEVEL = ("history", "causality", "text", "compare")
-RUN_KEYS = ("path", "checkpoint", "checkpoint_sha256", "variant", "n_layer", "moe_layers", "n_expert", "top_k",
-            "capacity_factor", "step", "best_val_ce", "causal")
+RUN_KEYS = ("path", "checkpoint", "checkpoint_sha256", "variant", "n_layer", "moe_layers", "n_expert",
+            "experts_per_token", "capacity_factor", "step", "best_val_ce", "causal")
 DATA_KEYS = ("data_dir", "split", "tokens", "block_size", "batch_size", "windows")
 LAYER_KEYS = {"layer": int, "n_expert": int, "tokens": int, "assignments": int, "kept": int, "dropped": int,
               "counts_before_drops": list, "counts_after_drops": list, "load_before_drops": list,
@@ -77,8 +82,8 @@ LAYER_KEYS = {"layer": int, "n_expert": int, "tokens": int, "assignments": int, 
               "max_mean_load_after_drops": float, "cv_load": float, "dead_experts": list, "drop_rate": float,
               "unrouted_token_frac": float, "experts_per_token": float, "router_entropy": (float, type(None)),
               "top1_top2_margin": (float, type(None)), "mean_router_prob": (list, type(None)),
-              "balance_loss": float, "z_loss": float, "shared_output_share": (float, type(None)),
-              "expert_bias": (list, type(None)), "specialisation": list, "coactivation": (dict, type(None)),
+              "balance_loss": float, "z_loss": float, "extras": dict, "specialisation": list,
+              "coactivation": (dict, type(None)),
               "notes": list}
 CROSS_KEYS = ("from_layer", "to_layer", "agreement", "baseline", "predictability")
 

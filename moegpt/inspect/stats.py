@@ -79,18 +79,19 @@ def margin_sum(probs_NE: Tensor) -> float:
 
 
 def top1_expert(stats: RouterStats) -> Tensor:
-    """Each token's first expert [N] (long): of its chosen experts (capacity drops included, it is the
-    router's preference), the one with the largest router probability; -1 for a token with none."""
-    assert stats.expert_idx_NK is not None
-    idx_NK = stats.expert_idx_NK.long()
-    valid_NK = idx_NK >= 0
-    if stats.router_probs_NE is not None:
-        score_NK = stats.router_probs_NE.double().gather(1, idx_NK.clamp(min=0))
-    elif stats.expert_weight_NK is not None:
-        score_NK = stats.expert_weight_NK.double()
-    else:  # rank order: earlier slots first
-        score_NK = -torch.arange(idx_NK.shape[1], dtype=torch.float64).expand(idx_NK.shape)
-    score_NK = score_NK.masked_fill(~valid_NK, float("-inf"))
-    best_N = score_NK.argmax(dim=-1)
-    top_N = idx_NK.gather(1, best_N[:, None]).squeeze(1)
-    return torch.where(valid_NK.any(dim=-1), top_N, torch.full_like(top_N, -1))
+    """Each token's top-1 expert [N] (long), by `top1_of_choices`."""
+    assert stats.expert_idx_NK is not None and stats.expert_weight_NK is not None
+    return top1_of_choices(stats.expert_idx_NK, stats.expert_weight_NK, stats.dropped_NK)
+
+
+def top1_of_choices(expert_idx_XK: Tensor, expert_weight_XK: Tensor, dropped_XK: Tensor | None = None) -> Tensor:
+    """A token's top-1 expert, the one definition that reports, `inspect-routing --text` and `sample
+    --show-routing` share: of the experts whose output the token received (kept choices: weight > 0), the
+    one with the largest combine weight; -1 when none did (every choice dropped). Any leading shape [..., K]."""
+    live_XK = (expert_idx_XK >= 0) & (expert_weight_XK > 0)
+    if dropped_XK is not None:
+        live_XK = live_XK & ~dropped_XK
+    weight_XK = expert_weight_XK.double().masked_fill(~live_XK, -1.0)
+    best_X1 = weight_XK.argmax(dim=-1, keepdim=True)
+    top_X = expert_idx_XK.long().gather(-1, best_X1).squeeze(-1)
+    return torch.where(live_XK.any(dim=-1), top_X, torch.full_like(top_X, -1))

@@ -1,57 +1,47 @@
-"""The MoE registry: one dict from variant name to FFN class; `build_ffn` picks per layer.
+"""The MoE package: one file per routing variant (its layer class and its SPEC), the registry, the router
+machinery (router.py), expert banks and dispatch backends, and the router losses.
 
-Every class takes (ModelConfig, MoEConfig), has `forward(x_BTC, mask_BT=None) -> (y_BTC, RouterStats)`,
-a class attribute `is_causal`, and `active_params(block_size)` (parameters a token runs through).
+Every layer class is an `FFNLayer`: `forward(x_BTC, mask_BT=None) -> (y_BTC, RouterStats)` and
+`active_params(block_size)`. Adding a variant = one file with its class and SPEC, plus one line in the
+tuple below (or `register(spec)` from outside, as the test suite does).
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.moe.aux_free import AuxFreeMoE
-from moegpt.moe.basic import BasicMoE
-from moegpt.moe.dense import DenseFFN
-from moegpt.moe.expert_choice import ExpertChoiceMoE
-from moegpt.moe.shared import SharedExpertMoE
-from moegpt.moe.soft import SoftMoE
+from moegpt.moe import aux_free, basic, dense, expert_choice, shared, soft, switch, topk
+from moegpt.moe.dispatch import BACKENDS
+from moegpt.moe.experts import ACTIVATIONS
+from moegpt.moe.layer import FFNLayer
+from moegpt.moe.registry import (
+    VARIANTS,
+    capacity_factor,
+    expert_hidden,
+    experts_per_token,
+    is_causal_variant,
+    layer_facts,
+    moe_layer_indices,
+    register,
+    validate_run_config,
+    variant_problems,
+    variant_spec,
+)
+from moegpt.moe.spec import ExtraStat, VariantSpec
 from moegpt.moe.stats import RouterStats
-from moegpt.moe.switch import SwitchMoE
-from moegpt.moe.topk import NoisyTopKMoE, TopKMoE
 
-VARIANTS: dict[str, type[nn.Module]] = {
-    "dense": DenseFFN,
-    "basic": BasicMoE,
-    "topk": TopKMoE,
-    "noisy-topk": NoisyTopKMoE,
-    "switch": SwitchMoE,
-    "shared": SharedExpertMoE,
-    "expert-choice": ExpertChoiceMoE,
-    "soft": SoftMoE,
-    "aux-free": AuxFreeMoE,
-}
-
-DESCRIPTIONS: dict[str, str] = {
-    "dense": "plain FFN, the baseline",
-    "basic": "every expert on every token, softmax-gated sum",
-    "topk": "token-choice softmax top-k (Shazeer 2017, Mixtral)",
-    "noisy-topk": "top-k with learned logit noise in training (Shazeer 2017)",
-    "switch": "top-1 with capacity factor; dropped tokens ride the residual (Fedus 2021)",
-    "shared": "shared experts always on + fine-grained routed experts (DeepSeekMoE)",
-    "expert-choice": "each expert takes its top-C tokens (Zhou 2022; NOT causal)",
-    "soft": "slots as softmax mixtures of tokens (Puigcerver 2023; NOT causal)",
-    "aux-free": "sigmoid affinities, load-driven selection bias, no aux loss (DeepSeek-V3)",
-}
+for _spec in (dense.SPEC, basic.SPEC, topk.SPEC, topk.NOISY_SPEC, switch.SPEC, shared.SPEC,
+              expert_choice.SPEC, soft.SPEC, aux_free.SPEC):
+    register(_spec)
 
 
-def build_ffn(model_cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int) -> nn.Module:
-    if not moe_cfg.is_moe_layer(layer_idx):
-        return DenseFFN(model_cfg, moe_cfg)
-    return VARIANTS[moe_cfg.variant](model_cfg, moe_cfg)
+def build_ffn(model_cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int) -> FFNLayer:
+    if layer_idx not in moe_layer_indices(moe_cfg, model_cfg.n_layer):
+        return dense.DenseFFN(model_cfg, moe_cfg)
+    return variant_spec(moe_cfg.variant).layer(model_cfg, moe_cfg)
 
 
-def is_causal_variant(variant: str) -> bool:
-    return bool(VARIANTS[variant].is_causal)
-
-
-__all__ = ["VARIANTS", "DESCRIPTIONS", "RouterStats", "build_ffn", "is_causal_variant"]
+__all__ = [
+    "ACTIVATIONS", "BACKENDS", "VARIANTS", "ExtraStat", "FFNLayer", "RouterStats", "VariantSpec", "build_ffn",
+    "capacity_factor", "expert_hidden", "experts_per_token", "is_causal_variant", "layer_facts",
+    "moe_layer_indices", "register", "validate_run_config", "variant_problems", "variant_spec",
+]

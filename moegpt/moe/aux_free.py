@@ -2,7 +2,8 @@
 
 s = sigmoid(logits) (fp32); experts are selected by top-k of s + b, where b is a per-expert bias
 that is not a parameter; gates = s of the selected experts / their sum. After each optimizer step
-the trainer calls `update_bias()`: b_i += gamma * sign(mean_load - load_i), then b is centred.
+the trainer calls `after_optimizer_step`, which sums the loads over data-parallel ranks and calls
+`update_bias()`: b_i += gamma * sign(mean_load - load_i), then b is centred.
 Optional group-limited routing (n_group, topk_group): only experts of the topk_group groups with the
 highest sum of their two best biased scores are eligible. Optional sequence-wise balance loss.
 """
@@ -12,9 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moegpt.moe.layer import AllReduce
 from moegpt.moe.losses import aux_free_bias_step, seq_balance_loss
 from moegpt.moe.router import RoutedMoE
+from moegpt.moe.spec import ExtraStat, VariantSpec, top_k_problems
 from moegpt.moe.stats import RouterStats
+
+EXPERT_BIAS = ExtraStat(key="expert_bias", kind="per_expert", label="expert bias (selection only)",
+                        description="the selection bias per expert (added to the affinities for top-k only)")
 
 
 class AuxFreeMoE(RoutedMoE):
@@ -58,11 +64,15 @@ class AuxFreeMoE(RoutedMoE):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         y, stats = self.routed_forward(x, mask)
-        stats.extras["expert_bias"] = self.expert_bias.detach().clone()
+        stats.extras[EXPERT_BIAS.key] = self.expert_bias.detach().clone()
         if self.training:
             with torch.no_grad():
                 self.pending_load += stats.expert_load(after_drops=False)
         return y, stats
+
+    def after_optimizer_step(self, all_reduce: AllReduce) -> None:
+        all_reduce(self.pending_load)  # the sign rule needs the loads of the global batch
+        self.update_bias()
 
     @torch.no_grad()
     def update_bias(self, load_E: Tensor | None = None) -> None:
@@ -70,3 +80,23 @@ class AuxFreeMoE(RoutedMoE):
         aux_free_bias_step(self.expert_bias, self.pending_load if load_E is None else load_E,
                            self.bias_update_rate)
         self.pending_load.zero_()
+
+
+def _problems(moe) -> list[str]:
+    out = top_k_problems(moe)
+    if moe.n_group < 1 or moe.n_expert % moe.n_group:
+        out.append(f"moe.n_group ({moe.n_group}) must be >= 1 and divide n_expert ({moe.n_expert})")
+    elif not 1 <= moe.topk_group <= moe.n_group:
+        out.append(f"moe.topk_group must be in [1, n_group={moe.n_group}] (got {moe.topk_group})")
+    elif moe.n_group > 1 and moe.top_k > moe.topk_group * (moe.n_expert // moe.n_group):
+        out.append("moe.top_k exceeds the experts in the kept groups (topk_group * n_expert / n_group)")
+    return out
+
+
+SPEC = VariantSpec(
+    name="aux-free", layer=AuxFreeMoE,
+    description="sigmoid affinities, load-driven selection bias, no aux loss; optional group-limited routing",
+    reference="DeepSeek-V3", problems=_problems, extra_stats=(EXPERT_BIAS,),
+    report_notes=("probabilities are sigmoid affinities scaled to sum to 1 per token; selection also adds "
+                  "expert_bias",),
+)

@@ -23,6 +23,8 @@ from moegpt.errors import MoegptError
 from moegpt.moe.experts import ExpertBank, activate, mlp_apply
 from moegpt.moe.sorted_experts import sorted_experts
 
+# every backend (the default first): the one list that config validation, the CLI's help and the benches use
+BACKENDS = ("sorted", "bucketed", "padded", "grouped", "loop")
 BUCKET_ROWS = 64
 # Inference on a handful of assignments (one generated token): running each assignment on its
 # expert's weights directly costs a few ops instead of a sort, a host sync and a loop over experts.
@@ -37,7 +39,7 @@ def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: Ex
     if backend in ("sorted", "bucketed") and not torch.is_grad_enabled() and expert_idx_NK.numel() <= DECODE_ROWS:
         return _few_assignments(x_NC, expert_idx_NK, weight_NK, bank)
     if backend not in _SORTED_BACKENDS:
-        raise MoegptError(f"unknown dispatch backend {backend!r}; valid: loop, {', '.join(_SORTED_BACKENDS)}")
+        raise MoegptError(f"unknown dispatch backend {backend!r}; valid: {', '.join(BACKENDS)}")
     return _sorted_dispatch(x_NC, expert_idx_NK, weight_NK, bank, backend)
 
 

@@ -13,12 +13,11 @@ from torch import Tensor
 
 from moegpt.moe.losses import router_z_loss
 from moegpt.moe.router import RoutedMoE, expert_capacity
+from moegpt.moe.spec import VariantSpec, top_k_problems
 from moegpt.moe.stats import RouterStats
 
 
 class ExpertChoiceMoE(RoutedMoE):
-    is_causal = False
-
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         B, T, C = x.shape
         N, E = B * T, self.n_expert
@@ -50,5 +49,25 @@ class ExpertChoiceMoE(RoutedMoE):
         return y_NC.reshape(B, T, C), stats
 
     def active_params(self, block_size: int) -> int:
-        per_token = self.top_k * max(self.capacity_factor, 0.0)
+        per_token = self.top_k * self.capacity_factor
         return self.router.weight.numel() + int(round(per_token * self.experts.params_per_expert))
+
+
+def _experts_per_token(moe, block_size: int) -> float:
+    return float(moe.top_k) * (1.0 if moe.capacity_factor < 0 else moe.capacity_factor)
+
+
+def _problems(moe) -> list[str]:
+    out = top_k_problems(moe)
+    if moe.capacity_factor == 0:
+        out.append("moe.capacity_factor must be > 0 for expert-choice (or < 0 for its default, 1.0)")
+    return out
+
+
+SPEC = VariantSpec(
+    name="expert-choice", layer=ExpertChoiceMoE, description="each expert takes its top-C tokens of the batch",
+    reference="Zhou 2022", causal=False, experts_per_token=_experts_per_token, default_capacity_factor=1.0,
+    problems=_problems,
+    report_notes=("experts pick tokens: loads are equal by construction; unrouted_token_frac (tokens no expert "
+                  "picked) is the drop analogue; tokens may get 0..E experts",),
+)

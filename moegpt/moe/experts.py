@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+ACTIVATIONS = ("swiglu", "gelu", "relu", "linear")
+
 
 def in_width(activation: str, n_embd: int, hidden: int) -> int:
     if activation == "linear":

@@ -1,4 +1,5 @@
-"""Shared routing machinery for token-choice variants: fp32 router, capacity in position order.
+"""The router machinery of the routed variants: fp32 router logits, softmax top-k, capacity in causal
+priority order, and RoutedMoE, the base class whose subclasses only say how they select experts.
 
 Legend: B batch, T time, C width, N = B*T tokens, E experts, K choices per token.
 """
@@ -15,7 +16,9 @@ from torch import Tensor, nn
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.experts import ExpertBank
+from moegpt.moe.layer import FFNLayer
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
+from moegpt.moe.registry import capacity_factor, expert_hidden
 from moegpt.moe.stats import RouterStats, is_generating
 
 # Below this many tokens (generation) the router takes the plain one-op layouts: the [E, N] layouts
@@ -52,10 +55,9 @@ def capacity_keep_mask(expert_idx_NK: Tensor, batch: int, time: int, n_expert: i
     return ((pos < capacity) & (expert_idx_NK.reshape(-1) >= 0)).reshape(N, K)
 
 
-class RoutedMoE(nn.Module):
-    """Base of the token-choice variants: subclasses define `select(logits, x)` -> (idx_NK, weight_NK)."""
-
-    is_causal = True
+class RoutedMoE(FFNLayer):
+    """Base of the variants with a router over an expert bank: subclasses define `select(logits, x)` ->
+    (idx_NK, weight_NK); expert-choice overrides the whole forward."""
 
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, top_k: int | None = None):
         super().__init__()
@@ -65,10 +67,9 @@ class RoutedMoE(nn.Module):
         self.dispatch = moe_cfg.dispatch
         self.normalize_topk = moe_cfg.normalize_topk
         self.jitter = moe_cfg.router_jitter
-        self.capacity_factor = moe_cfg.resolved_capacity_factor()
+        self.capacity_factor = capacity_factor(moe_cfg)
         self.router = nn.Linear(C, self.n_expert, bias=False)
-        hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)
-        self.experts = ExpertBank(self.n_expert, C, hidden, moe_cfg.activation)
+        self.experts = ExpertBank(self.n_expert, C, expert_hidden(model_cfg, moe_cfg), moe_cfg.activation)
         # tensors of the current forward shared between its steps (cleared when it ends). A dict, mutated in
         # place: assigning a Module attribute goes through nn.Module.__setattr__, slow per generated token
         self._forward_memo: dict[str, Tensor] = {}

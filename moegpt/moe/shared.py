@@ -9,14 +9,20 @@ from __future__ import annotations
 from torch import Tensor
 
 from moegpt.moe.experts import DenseMLP
+from moegpt.moe.registry import expert_hidden
 from moegpt.moe.router import RoutedMoE, softmax_topk
+from moegpt.moe.spec import ExtraStat, VariantSpec, top_k_problems
 from moegpt.moe.stats import RouterStats
+
+SHARED_SHARE = ExtraStat(
+    key="shared_output_share", kind="token_mean", label="shared experts' share of the FFN output norm",
+    description="mean |shared output| / (|shared| + |routed|) over tokens")
 
 
 class SharedExpertMoE(RoutedMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg)
-        hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)
+        hidden = expert_hidden(model_cfg, moe_cfg)
         self.n_shared = moe_cfg.n_shared
         self.shared = DenseMLP(model_cfg.n_embd, hidden * self.n_shared, moe_cfg.activation) \
             if self.n_shared > 0 else None
@@ -30,10 +36,25 @@ class SharedExpertMoE(RoutedMoE):
             return routed, stats
         shared = self.shared(x)
         shared_norm = shared.detach().float().norm(dim=-1)
-        stats.extras["shared_output_share"] = (
+        stats.extras[SHARED_SHARE.key] = (
             shared_norm / (shared_norm + routed.detach().float().norm(dim=-1)).clamp(min=1e-9)).mean()
         return routed + shared, stats
 
     def active_params(self, block_size: int) -> int:
         shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
         return super().active_params(block_size) + shared
+
+
+def _problems(moe) -> list[str]:
+    out = top_k_problems(moe)
+    if moe.n_shared < 0:
+        out.append(f"moe.n_shared must be >= 0 (got {moe.n_shared})")
+    return out
+
+
+SPEC = VariantSpec(
+    name="shared", layer=SharedExpertMoE,
+    description="always-on shared experts + fine-grained routed experts", reference="DeepSeekMoE 2024",
+    expert_width_share=lambda moe: float(moe.top_k + moe.n_shared), problems=_problems,
+    extra_stats=(SHARED_SHARE,),
+)

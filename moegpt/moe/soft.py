@@ -14,18 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from moegpt.moe.experts import ExpertBank
+from moegpt.moe.layer import FFNLayer
+from moegpt.moe.registry import expert_hidden
+from moegpt.moe.spec import VariantSpec
 from moegpt.moe.stats import RouterStats
 
 
-class SoftMoE(nn.Module):
-    is_causal = False
-
+class SoftMoE(FFNLayer):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__()
         self.n_expert, self.slots = moe_cfg.n_expert, moe_cfg.slots_per_expert
         self.report_k = min(moe_cfg.top_k, moe_cfg.n_expert)
         self.router = nn.Linear(model_cfg.n_embd, self.n_expert * self.slots, bias=False)
-        hidden = moe_cfg.resolved_expert_hidden(model_cfg.resolved_ffn_hidden)
+        hidden = expert_hidden(model_cfg, moe_cfg)
         self.experts = ExpertBank(self.n_expert, model_cfg.n_embd, hidden, moe_cfg.activation)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
@@ -52,3 +53,23 @@ class SoftMoE(nn.Module):
         # E*S slots are processed per sequence, shared by its block_size tokens
         slots_per_token = self.n_expert * self.slots / block_size
         return self.router.weight.numel() + int(round(slots_per_token * self.experts.params_per_expert))
+
+
+def _problems(moe) -> list[str]:
+    out = []
+    if moe.top_k < 1:  # soft sizes its experts like top-k ones, and reports a token's top-k by combine weight
+        out.append(f"moe.top_k must be >= 1 (got {moe.top_k})")
+    if moe.slots_per_expert < 1:
+        out.append(f"moe.slots_per_expert must be >= 1 (got {moe.slots_per_expert})")
+    return out
+
+
+SPEC = VariantSpec(
+    name="soft", layer=SoftMoE, description="slots as softmax mixtures of a sequence's tokens",
+    reference="Puigcerver 2023", causal=False, uses_capacity=False,
+    # E*S slots are processed per sequence and shared by its block_size tokens
+    experts_per_token=lambda moe, block_size: moe.n_expert * moe.slots_per_expert / block_size,
+    expert_width_share=lambda moe: float(moe.top_k), problems=_problems,
+    report_notes=("soft MoE has no discrete routing: a token's 'chosen' experts are its top-k by combine weight, "
+                  "probabilities are the per-expert combine weights; no drops",),
+)

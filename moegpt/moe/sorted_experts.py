@@ -182,10 +182,3 @@ def sorted_experts(x_NC: Tensor, tok_M: Tensor, gate_M: Tensor, counts_E: list[i
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_NC.dtype
     with torch.autocast(device_type=device_type, enabled=False):
         return SortedExperts.apply(x_NC, gate_M, w_in, w_out, tok_M, list(counts_E), bucket, activation, dtype)
-
-
-def padding_fraction(counts_E: list[int], bucket: int) -> float:
-    """Share of the padded rows that are padding (0 when bucket == 1)."""
-    real = sum(counts_E)
-    padded = sum(_padded_counts(counts_E, bucket))
-    return (padded - real) / padded if padded else 0.0

@@ -1,7 +1,8 @@
 """switch: top-1 routing with a capacity factor; dropped tokens ride the residual (Fedus et al. 2021).
 
 The gate is the top-1 softmax probability (not renormalised, or it would always be 1 and the router
-would get no gradient from the task loss). Capacity = ceil(cf * N / E), filled in causal priority.
+would get no gradient from the task loss). Capacity = ceil(cf * N / E), filled in causal priority;
+moe.capacity_factor defaults to 1.25 for switch, and an explicit 0 runs it dropless. moe.top_k is ignored.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moegpt.moe.router import RoutedMoE, softmax_topk
+from moegpt.moe.spec import VariantSpec
 
 
 class SwitchMoE(RoutedMoE):
@@ -17,3 +19,10 @@ class SwitchMoE(RoutedMoE):
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
         return softmax_topk(logits_NE, 1, normalize=False, softmax=self.softmax)
+
+
+SPEC = VariantSpec(
+    name="switch", layer=SwitchMoE, description="top-1 with capacity factor; dropped tokens ride the residual",
+    reference="Fedus 2021", experts_per_token=lambda moe, block_size: 1.0, default_capacity_factor=1.25,
+    report_notes=("top-1 with capacity: drop_rate counts tokens that overflowed their expert and rode the residual",),
+)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
 from moegpt.moe.router import RoutedMoE, softmax_topk
+from moegpt.moe.spec import VariantSpec, top_k_problems
 
 
 class TopKMoE(RoutedMoE):
@@ -42,5 +43,18 @@ class NoisyTopKMoE(RoutedMoE):
         return (switch_balance_loss(noisy_NE, idx_NK, mask_N, probs_NE=probs_NE), router_z_loss(logits_NE, mask_N),
                 logits_NE.new_zeros(()))
 
+    def init_parameters(self) -> None:
+        nn.init.zeros_(self.noise.weight)  # start with no learned noise beyond softplus(0)
+
     def active_params(self, block_size: int) -> int:
         return super().active_params(block_size) + self.noise.weight.numel()
+
+
+SPEC = VariantSpec(
+    name="topk", layer=TopKMoE, description="token-choice softmax top-k, optional renormalisation",
+    reference="Shazeer 2017, Mixtral", problems=top_k_problems,
+)
+NOISY_SPEC = VariantSpec(
+    name="noisy-topk", layer=NoisyTopKMoE, description="top-k with learned Gaussian logit noise in training only",
+    reference="Shazeer 2017", problems=top_k_problems,
+)

@@ -1,0 +1,29 @@
+"""FFNLayer: the base of every feed-forward layer in the registry, with the hooks a variant may override."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from moegpt.moe.stats import RouterStats
+
+# sums a tensor in place over the data-parallel ranks (the identity in one process)
+AllReduce = Callable[[Tensor], None]
+
+
+class FFNLayer(nn.Module):
+    """forward(x_BTC, mask_BT=None) -> (y_BTC, RouterStats); mask_BT is True for real (non-ignored) tokens."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
+        raise NotImplementedError
+
+    def active_params(self, block_size: int) -> int:
+        """Parameters one token runs through (block_size: for layers whose cost is shared by a sequence)."""
+        raise NotImplementedError
+
+    def init_parameters(self) -> None:
+        """Called after the model's generic initialisation, for a variant that needs its own."""
+
+    def after_optimizer_step(self, all_reduce: AllReduce) -> None:
+        """Called by the trainer after every optimizer step (state that is updated outside autograd)."""
