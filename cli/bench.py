@@ -15,6 +15,7 @@ from rich.table import Table
 
 from moegpt.bench import LayerCase, bench_layer, bench_model, bench_quality, machine_info
 from moegpt.cli.app import app
+from moegpt.config import precision_problem
 from moegpt.errors import MoegptError
 from moegpt.moe import BACKENDS, VARIANTS, variant_spec
 from moegpt.presets import resolve_config
@@ -95,8 +96,8 @@ def bench_layer_command(
         if not 1 <= k <= e:
             raise MoegptError(f"--grid {item}: top-k must be in [1, experts]")
         pairs.append((e, k))
-    if precision not in ("fp32", "bf16"):
-        raise MoegptError(f"--precision must be fp32 or bf16 (got {precision!r})")
+    if problem := precision_problem(precision, "--precision", ("fp32", "bf16")):
+        raise MoegptError(problem)
     cases = [LayerCase(n, d, e, k) for n in int_list(tokens, "--tokens") for d in int_list(d_model, "--d-model")
              for e, k in pairs]
     chosen = name_list(backends, [b for b in BACKENDS], "backend")
@@ -135,8 +136,8 @@ def bench_model_command(
     check_format(fmt)
     names = name_list(variants, list(VARIANTS), "variant")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
-    if any(p not in ("fp32", "bf16") for p in precisions):
-        raise MoegptError(f"--precision must be fp32, bf16 or both (got {precision!r})")
+    if any(precision_problem(p, choices=("fp32", "bf16")) for p in precisions):
+        raise MoegptError(precision_problem(precision, "--precision", ("fp32", "bf16", "both")))
     backends = name_list(dispatch, list(BACKENDS), "backend")
     cfg = resolve_config(preset)
     dev = resolve_device(device)

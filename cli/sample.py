@@ -17,6 +17,7 @@ from rich.text import Text
 
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
 from moegpt.cli.palette import NO_EXPERT_STYLE, token_style
+from moegpt.config import precision_problem
 from moegpt.errors import MoegptError
 from moegpt.generate import (
     LayerRouting,
@@ -88,14 +89,6 @@ def resolve_layer(spec: str, moe_layers: list[int], n_layer: int) -> int:
         raise MoegptError(f"--show-routing {layer}: not a MoE layer of this {n_layer}-layer model; "
                           f"MoE layers: {', '.join(map(str, moe_layers))}")
     return layer
-
-
-def open_run(path: str, device: torch.device) -> LoadedRun:
-    try:
-        return load_run(path, device)
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # weights that do not fit the saved config
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoegptError(f"cannot load the model from {path}: {first}") from None
 
 
 class SampleWriter:
@@ -210,15 +203,15 @@ def sample_command(
         problems.append(f"--num-samples must be >= 1 (got {num_samples})")
     if problems:
         raise MoegptError("; ".join(problems))
-    if precision not in ("auto", "fp32", "bf16"):
-        raise MoegptError(f"--precision must be auto, fp32 or bf16 (got {precision!r})")
+    if problem := precision_problem(precision, "--precision"):
+        raise MoegptError(problem)
     if routing_json is not None and not Path(routing_json).resolve().parent.is_dir():
         raise MoegptError(f"--routing-json {routing_json}: its folder does not exist")
     text = read_prompt(prompt, prompt_file)
 
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    loaded = open_run(run, dev)
+    loaded = load_run(run, dev)
     model, tok = loaded.model, loaded.tokenizer()
     block = model.config.block_size
     if context_keep is not None and not 1 <= context_keep <= block:

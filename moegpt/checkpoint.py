@@ -28,15 +28,16 @@ import pickle
 import re
 import signal
 import struct
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 
+from moegpt.digest import file_sha256
 from moegpt.errors import MoegptError
+from moegpt.signals import stop_signals_handled
 
 CKPT_SUFFIX = ".pt"
 CKPT_DIRNAME = "ckpt"
@@ -49,7 +50,6 @@ _HEADER = struct.Struct("<8sI64sQ")
 HEADER_SIZE = _HEADER.size
 _STEP_RE = re.compile(r"^step_(\d+)" + re.escape(CKPT_SUFFIX) + r"$")
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
-_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _CHUNK = 8 << 20
 
 # Exactly the leaf types that `torch.load(weights_only=True)` accepts on every torch this package
@@ -83,22 +83,15 @@ def signals_deferred() -> Iterator[DeferredSignals]:
     unprotected (Python runs handlers on the main thread only, so they cannot interrupt this thread).
     """
     deferred = DeferredSignals()
-    previous: dict[int, Any] = {}
 
     def _record(signum: int, _frame: object) -> None:
         if signum not in deferred.pending:
             deferred.pending.append(signum)
 
     try:
-        if threading.current_thread() is threading.main_thread():
-            for sig in _DEFERRED_SIGNALS:
-                # None means a handler installed outside Python, which signal.signal could not restore.
-                if signal.getsignal(sig) is not None:
-                    previous[sig] = signal.signal(sig, _record)
-        yield deferred
+        with stop_signals_handled(_record):
+            yield deferred
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         _redeliver(deferred.pending)
 
 
@@ -284,16 +277,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 hex of the whole file, e.g. to show a command left a checkpoint byte-for-byte unchanged."""
     path = Path(path)
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        return file_sha256(path)
     except FileNotFoundError:
         raise MoegptError(f"checkpoint not found: {path}") from None
     except OSError as exc:
         raise MoegptError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def _looks_valid(path: Path) -> bool:

@@ -17,6 +17,15 @@ import tomllib
 
 from moegpt.errors import MoegptError
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def precision_problem(value: str, name: str = "precision", choices: tuple[str, ...] = PRECISIONS) -> str | None:
+    """The one check of a precision setting; `name` is how the caller's user knows it (a config key, a flag)."""
+    if value in choices:
+        return None
+    return f"{name} must be {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})"
+
 
 @dataclass
 class ModelConfig:
@@ -144,8 +153,8 @@ class TrainConfig:
             out.append(f"train.grad_clip must be a finite number >= 0 (got {self.grad_clip})")
         if not self.device or self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             out.append(f"train.device must be auto, cpu, cuda[:N] or mps (got {self.device!r})")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            out.append(f"train.precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if problem := precision_problem(self.precision, "train.precision"):
+            out.append(problem)
         return out
 
 

@@ -9,7 +9,6 @@ its `created` field.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import numpy as np
 
 import moegpt
 from moegpt.corpus import ProgressFn, check_read_options, load_corpus
+from moegpt.digest import file_sha256
 from moegpt.errors import MoegptError
 from moegpt.tokenizer import (
     KINDS,
@@ -227,7 +227,7 @@ def build(work: Path, *, source: str, tokenizer: str, ready_tokenizer: Tokenizer
 
     report("write", 0, 1)
     for s in SPLITS:
-        counts[s]["sha256"] = sha256_file(work / f"{s}.bin")
+        counts[s]["sha256"] = file_sha256(work / f"{s}.bin")
     tok_info = save_tokenizer(tok, work)
     if tokenizer == "bpe":
         tok_info["requested_vocab_size"] = vocab_size
@@ -279,9 +279,3 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

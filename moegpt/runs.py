@@ -30,16 +30,18 @@ class LoadedRun:
     def data_dir(self) -> Path:
         return Path(self.state["data_ref"]["data_dir"])
 
+    def prepared_data_dir(self) -> Path:
+        """The run's prepared data folder: its recorded path, else data_root/name from its config (a run
+        copied to another machine, or a data folder moved with its project)."""
+        for candidate in (self.data_dir, Path(self.config.data.data_root) / self.config.data.name):
+            if (candidate / "meta.json").exists():
+                return candidate
+        raise MoegptError(f"the run's data folder {self.data_dir} is gone; re-create it with `moegpt prepare` "
+                          f"(name {self.config.data.name!r})")
+
     def tokenizer(self) -> Tokenizer:
         """The tokenizer of the data the run was trained on (from the checkpoint's data reference)."""
-        data_dir = self.data_dir
-        if not (data_dir / "meta.json").exists():
-            fallback = Path(self.config.data.data_root) / self.config.data.name
-            if not (fallback / "meta.json").exists():
-                raise MoegptError(f"the run's data folder {data_dir} is gone; re-create it with `moegpt prepare` "
-                                  f"(name {self.config.data.name!r})")
-            data_dir = fallback
-        return load_tokenizer(data_dir)
+        return load_tokenizer(self.prepared_data_dir())
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -50,8 +52,12 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         if key not in state:
             raise MoegptError(f"{checkpoint} is not a moegpt training checkpoint (no {key!r})")
     config = RunConfig.from_dict(state.pop("config"))
-    model = GPT(config.model, config.moe)
-    model.load_state_dict(state.pop("model"))
+    try:
+        model = GPT(config.model, config.moe)
+        model.load_state_dict(state.pop("model"))
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights that do not fit the saved config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoegptError(f"{checkpoint}: cannot load the run's model: {first}") from None
     state.pop("optimizer", None)
     state["config"] = config.to_dict()
     return LoadedRun(model=model.to(device).eval(), config=config, checkpoint=checkpoint, state=state)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moegpt.config import precision_problem
 from moegpt.errors import MoegptError
 
 
@@ -33,14 +34,18 @@ def resolve_device(requested: str = "auto") -> torch.device:
 def resolve_precision(requested: str, device: torch.device) -> str:
     """`auto` picks bf16 only where it is known to be faster: CUDA GPUs with bf16 support.
 
-    On CPU, bf16 autocast speeds up a dense model but a sort-based MoE recompiles oneDNN
-    primitives for every new per-expert row count (PERF-NOTES), so auto stays fp32 there.
+    On CPU, bf16 autocast speeds up a dense model but a sort-based MoE builds a new oneDNN primitive
+    for every new per-expert row count (they change every step), so auto stays fp32 there
+    (`moegpt bench model --precision both` measures it on your machine).
     """
+    problem = precision_problem(requested)
+    if problem:
+        raise MoegptError(problem)
     if requested == "fp32":
         return "fp32"
     if requested == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise MoegptError("--precision bf16: this GPU does not support bfloat16")
+            raise MoegptError("precision bf16: this GPU does not support bfloat16")
         return "bf16"
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moegpt.digest import file_sha256
 from moegpt.errors import MoegptError
 
 KINDS = ("bpe", "char", "gpt2")
@@ -203,10 +204,6 @@ def load_gpt2() -> TiktokenTokenizer:
 
 
 # ---- saving and loading ------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def save_tokenizer(tok: Tokenizer, folder: Path) -> dict[str, Any]:
     """Write the tokenizer's file into `folder`; return the meta.json section that describes it."""

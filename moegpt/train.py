@@ -14,8 +14,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from moegpt.inspect.stats import layer_summary
 from moegpt.model import GPT, aux_losses
 from moegpt.moe import layer_facts
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
+from moegpt.signals import stop_signals_handled
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -335,22 +334,12 @@ class Trainer:
         dist.all_gather(gathered, checksum)
         return all(bool(torch.equal(g, gathered[0])) for g in gathered)
 
-    @contextlib.contextmanager
     def _signal_handlers(self):
         """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and stops."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
         def handler(signum, frame):
             self._signal = signum
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        return stop_signals_handled(handler)
 
 
 def _log_record(step: int, tokens: int, lr: float, out, aux: dict, grad_norm: torch.Tensor,

@@ -62,29 +62,10 @@ def check_options(opts: InspectOptions) -> None:
         raise MoegptError("--text is empty")
 
 
-def open_run(path: str | Path, device: str) -> LoadedRun:
-    try:
-        return load_run(path, resolve_device(device))
-    except MoegptError:
-        raise
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights that do not fit the config
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoegptError(f"{path}: cannot load the run's model: {first}") from None
-
-
-def data_dir_of(run: LoadedRun) -> Path:
-    """The run's prepared data folder (its recorded path, else data_root/name from its config)."""
-    for candidate in (run.data_dir, Path(run.config.data.data_root) / run.config.data.name):
-        if (candidate / "meta.json").exists():
-            return candidate
-    raise MoegptError(f"the run's data folder {run.data_dir} is gone; re-create it with `moegpt prepare` "
-                      f"(name {run.config.data.name!r})")
-
-
 def held_out_tokens(run: LoadedRun, split: str, n_tokens: int) -> tuple[np.ndarray, Path]:
     """The first n_tokens + 1 ids of the split (all of it if shorter), read sequentially. Read-only: the
     bins are memory-mapped with mode "r"."""
-    data_dir = data_dir_of(run)
+    data_dir = run.prepared_data_dir()
     ds = TokenDataset(data_dir)
     if ds.vocab_size != run.config.model.vocab_size:
         raise MoegptError(f"{data_dir} has vocab {ds.vocab_size} but the model has {run.config.model.vocab_size}")
@@ -157,7 +138,7 @@ def _filter_layer(report: dict[str, Any], layer: int) -> None:
 
 
 def _compare_report(path: str, opts: InspectOptions) -> dict[str, Any]:
-    other = open_run(path, opts.device)
+    other = load_run(path, resolve_device(opts.device))
     report = run_report(other, path, opts, decode=False)
     for layer in report["layers"]:  # side-by-side needs the summary numbers, not the big tables
         layer.pop("specialisation", None)
@@ -171,7 +152,7 @@ def inspect_routing(path: str | Path, opts: InspectOptions) -> dict[str, Any]:
     """The full report (schema: moegpt/inspect/schema.py). Raises MoegptError for bad input and
     DenseRunError (with the val CE in its message) for a run without MoE layers."""
     check_options(opts)
-    run = open_run(path, opts.device)
+    run = load_run(path, resolve_device(opts.device))
     if opts.layer is not None and run.model.moe_layers:
         _check_layer(run, opts.layer)
     base = run_report(run, path, opts)
