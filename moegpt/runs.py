@@ -30,8 +30,8 @@ class LoadedRun:
     def data_dir(self) -> Path:
         return Path(self.state["data_ref"]["data_dir"])
 
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer of the data the run was trained on (from the checkpoint's data reference)."""
+    def existing_data_dir(self) -> Path:
+        """The run's data folder: the checkpoint's reference, else data_root/name of its config."""
         data_dir = self.data_dir
         if not (data_dir / "meta.json").exists():
             fallback = Path(self.config.data.data_root) / self.config.data.name
@@ -39,7 +39,11 @@ class LoadedRun:
                 raise MoegptError(f"the run's data folder {data_dir} is gone; re-create it with `moegpt prepare` "
                                   f"(name {self.config.data.name!r})")
             data_dir = fallback
-        return load_tokenizer(data_dir)
+        return data_dir
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer of the data the run was trained on (from the checkpoint's data reference)."""
+        return load_tokenizer(self.existing_data_dir())
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:

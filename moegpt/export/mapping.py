@@ -1,0 +1,81 @@
+"""What every export mapping offers, and the choice of one for a model.
+
+A mapping turns a moegpt model into one transformers architecture, exactly: its `config.json` and its
+weights under that architecture's parameter names. It looks at the built model (module classes, shapes),
+never at variant names. `choose_mapping` takes the first mapping that accepts the model; when none does,
+the refusal of the mapping that claims the model's trunk names the reason and the nearest configuration
+that does export.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moegpt.errors import MoegptError
+
+
+class ExportRefused(MoegptError):
+    """The model has no exact transformers counterpart; nothing is written (exit 2)."""
+
+
+class SourceWeights:
+    """A model's state_dict that remembers which entries a mapping consumed, so that a parameter the
+    mapping does not know (one added to the model later) stops the export instead of being dropped."""
+
+    def __init__(self, model: nn.Module, unused: tuple[str, ...] = ()) -> None:
+        self.tensors = dict(model.state_dict())
+        self.taken: set[str] = set(unused)
+
+    def __getitem__(self, name: str) -> Tensor:
+        self.taken.add(name)
+        return self.tensors[name]
+
+    def get(self, name: str) -> Tensor | None:
+        return self[name] if name in self.tensors else None
+
+    def check_all_taken(self, target: str) -> None:
+        left = sorted(set(self.tensors) - self.taken)
+        if left:
+            raise MoegptError(f"the {target} export does not place these weights: {', '.join(left[:5])}"
+                              f"{' ...' if len(left) > 5 else ''}")
+
+
+class Mapping:
+    """One transformers architecture. Subclasses set the names and implement the four methods."""
+
+    name = ""  # the --format hf target, e.g. "gpt2"
+    architecture = ""  # the transformers class written into config.json
+
+    def claims(self, model: nn.Module) -> bool:
+        """Whether this mapping is the one to explain a refusal for this model (same trunk)."""
+        raise NotImplementedError
+
+    def refusal(self, model: nn.Module) -> str | None:
+        """None when the model maps exactly; else one sentence: why not, and the nearest exportable config."""
+        raise NotImplementedError
+
+    def hf_config(self, model: nn.Module, eot_id: int) -> dict:
+        raise NotImplementedError
+
+    def hf_weights(self, model: nn.Module) -> dict[str, Tensor]:
+        """Contiguous tensors under the target's names (tied weights once), every model weight placed."""
+        raise NotImplementedError
+
+
+MAPPINGS: list[Mapping] = []
+
+
+def register(mapping_cls: type[Mapping]) -> type[Mapping]:
+    MAPPINGS.append(mapping_cls())
+    return mapping_cls
+
+
+def choose_mapping(model: nn.Module) -> Mapping:
+    """The mapping that exports `model` exactly, else ExportRefused with the claiming mapping's reason."""
+    for mapping in MAPPINGS:
+        if mapping.refusal(model) is None:
+            return mapping
+    for mapping in MAPPINGS:
+        if mapping.claims(model):
+            raise ExportRefused(f"cannot export: {mapping.refusal(model)}")
+    raise ExportRefused(f"cannot export: no transformers architecture matches a {type(model).__name__} model")
