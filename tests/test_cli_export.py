@@ -1,0 +1,98 @@
+"""`moegpt export`: --check, refusals (exit 2, nothing written), destinations, a failing check (exit 1)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from cli_helpers import assert_one_line_error
+from export_helpers import train_run
+from typer.testing import CliRunner
+
+from moegpt.cli.main import app
+from moegpt.export.gpt2 import GPT2Mapping
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {"gelu": train_run(tiny_data, "tiny", root, "gelu", "--moe", "dense", "--activation", "gelu"),
+            "topk": train_run(tiny_data, "tiny", root, "topk", noise=0.0)}
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_export_with_check(runs, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf" / "gelu"
+    result = runner.invoke(app, ["export", str(runs["gelu"]), str(out), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "as GPT2LMHeadModel" in result.stdout and "check passed: max |logit difference|" in result.stdout
+    assert "greedy 32 tokens identical" in result.stdout and "tokenizer on" in result.stdout
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= set(leftovers(out))
+    assert leftovers(out.parent) == ["gelu"]  # no temp folder left beside it
+
+
+def test_moe_run_is_refused_and_nothing_written(runs, tmp_path):
+    out = tmp_path / "topk"
+    result = runner.invoke(app, ["export", str(runs["topk"]), str(out)])
+    assert_one_line_error(result, "cannot export", "topk MoE layers on the gpt2 trunk",
+                          "nearest exportable", "--activation gelu")
+    assert leftovers(tmp_path) == []
+
+
+def test_destinations(runs, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert_one_line_error(runner.invoke(app, ["export", str(runs["gelu"]), str(busy), "--force"]), "holds no export")
+    assert leftovers(busy) == ["notes.txt"]
+
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["export", str(runs["gelu"]), str(out)]).exit_code == 0
+    (out / "README.md").write_text("old")
+    assert_one_line_error(runner.invoke(app, ["export", str(runs["gelu"]), str(out)]), "already holds an export")
+    assert (out / "README.md").read_text() == "old"
+    assert runner.invoke(app, ["export", str(runs["gelu"]), str(out), "--force"]).exit_code == 0
+    assert (out / "README.md").read_text() != "old" and leftovers(tmp_path) == ["busy", "out"]
+
+
+def test_failing_check_writes_nothing(runs, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    real = GPT2Mapping.hf_config
+
+    def tanh_gelu(self, model, eot_id):  # GPT-2's default GELU is the tanh approximation: close, not exact
+        return {**real(self, model, eot_id), "activation_function": "gelu_new"}
+
+    monkeypatch.setattr(GPT2Mapping, "hf_config", tanh_gelu)
+    result = runner.invoke(app, ["export", str(runs["gelu"]), str(tmp_path / "out"), "--check"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moegpt: error: check failed, nothing written: max |logit")
+    assert leftovers(tmp_path) == []
+
+
+def test_check_without_transformers(runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    result = runner.invoke(app, ["export", str(runs["gelu"]), str(tmp_path / "out"), "--check"])
+    assert_one_line_error(result, "needs transformers", "moegpt[hf]")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--format", "onnx"], "unknown format 'onnx'"),
+])
+def test_bad_flags(runs, tmp_path, args, fragment):
+    assert_one_line_error(runner.invoke(app, ["export", str(runs["gelu"]), str(tmp_path / "o"), *args]), fragment)
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_run(tmp_path):
+    assert_one_line_error(runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "o")]),
+                          "checkpoint not found")
