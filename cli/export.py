@@ -37,9 +37,19 @@ def export_command(
 ) -> None:
     """Write a trained run as a transformers model: config.json, model.safetensors, tokenizer, model card.
 
-    Exact mappings only: a dense GELU/ReLU FFN on the gpt2 trunk becomes GPT2LMHeadModel. Anything else
-    exits 2 with the reason and the nearest exportable configuration, and writes nothing. Load it with
-    AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
+    Exact mappings only (anything else exits 2, naming the nearest exportable configuration):
+
+    gpt2 trunk, dense GELU or ReLU FFN: GPT2LMHeadModel
+
+    llama trunk, dense SwiGLU FFN: LlamaForCausalLM
+
+    llama trunk, topk: MixtralForCausalLM
+
+    llama trunk, shared with moe.shared_gate: Qwen2MoeForCausalLM
+
+    llama trunk with MLA, aux-free or dense: DeepseekV3ForCausalLM
+
+    Load it with AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
     """
     if format_ not in FORMATS:
         raise MoegptError(f"--format: unknown format {format_!r}; valid: {', '.join(FORMATS)}")

@@ -53,7 +53,8 @@ def model_card(run: LoadedRun, tok: Tokenizer, architecture: str) -> str:
         f"| data | `{cfg.data.name}`, {tok.kind} tokenizer, {tok.vocab_size} tokens |",
         f"| training | {step} steps" + (f", {tokens:,} tokens" if tokens else "") + " |",
         f"| validation cross-entropy | {val_text} |",
-        f"| model | {m.n_layer} layers x {m.n_embd} wide x {m.n_head} heads, context {m.block_size}, {ffn} |",
+        f"| model | {m.arch} trunk, {m.attention.upper()} attention, {m.n_layer} layers x {m.n_embd} wide x "
+        f"{m.n_head} heads, context {m.block_size}, {ffn} |",
         f"| parameters | {counts['total']:,} total, {counts['active']:,} active per token |",
         f"| optimiser | AdamW lr {t.lr:g} (cosine to {t.min_lr_ratio:g}x, {t.warmup_iters} warmup steps), "
         f"batch {t.batch_size} x {t.grad_accum} x {m.block_size} tokens, weight decay {t.weight_decay:g}, "

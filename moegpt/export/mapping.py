@@ -9,6 +9,7 @@ that does export.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from moegpt.errors import MoegptError
@@ -33,11 +34,13 @@ class SourceWeights:
     def get(self, name: str) -> Tensor | None:
         return self[name] if name in self.tensors else None
 
-    def check_all_taken(self, target: str) -> None:
+    def finish(self, out: dict[str, Tensor], target: str) -> dict[str, Tensor]:
+        """`out` as detached contiguous fp32 tensors, once every weight of the model has been placed."""
         left = sorted(set(self.tensors) - self.taken)
         if left:
             raise MoegptError(f"the {target} export does not place these weights: {', '.join(left[:5])}"
                               f"{' ...' if len(left) > 5 else ''}")
+        return {name: t.detach().to(torch.float32).contiguous() for name, t in out.items()}
 
 
 class Mapping:
@@ -45,6 +48,7 @@ class Mapping:
 
     name = ""  # the --format hf target, e.g. "gpt2"
     architecture = ""  # the transformers class written into config.json
+    summary = ""  # the moegpt configurations it exports, for refusals
 
     def claims(self, model: nn.Module) -> bool:
         """Whether this mapping is the one to explain a refusal for this model (same trunk)."""
@@ -60,6 +64,16 @@ class Mapping:
     def hf_weights(self, model: nn.Module) -> dict[str, Tensor]:
         """Contiguous tensors under the target's names (tied weights once), every model weight placed."""
         raise NotImplementedError
+
+
+def trunk(model: nn.Module) -> str:
+    """The model's trunk: "gpt2" or "llama" (model.arch)."""
+    return getattr(model.config, "arch", "gpt2")
+
+
+def tied_head_unused(model: nn.Module) -> tuple[str, ...]:
+    """A tied head's weight is the embedding's: transformers re-ties it, so it is written once."""
+    return ("lm_head.weight",) if getattr(model.config, "tie_embeddings", True) else ()
 
 
 MAPPINGS: list[Mapping] = []
@@ -78,4 +92,5 @@ def choose_mapping(model: nn.Module) -> Mapping:
     for mapping in MAPPINGS:
         if mapping.claims(model):
             raise ExportRefused(f"cannot export: {mapping.refusal(model)}")
-    raise ExportRefused(f"cannot export: no transformers architecture matches a {type(model).__name__} model")
+    exportable = "; ".join(m.summary for m in MAPPINGS)
+    raise ExportRefused(f"cannot export: no transformers architecture matches this model; exportable: {exportable}")
