@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return {"gelu": train_run(tiny_data, "tiny", root, "gelu", "--moe", "dense", "--activation", "gelu"),
+            "mixtral": train_run(tiny_data, "tiny", root, "mixtral", "--set", "model.arch=llama"),
             "topk": train_run(tiny_data, "tiny", root, "topk", noise=0.0)}
 
 
@@ -27,16 +28,17 @@ def leftovers(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_export_with_check(runs, tmp_path):
+@pytest.mark.parametrize("run, architecture", [("gelu", "GPT2LMHeadModel"), ("mixtral", "MixtralForCausalLM")])
+def test_export_with_check(runs, tmp_path, run, architecture):
     pytest.importorskip("transformers")
-    out = tmp_path / "hf" / "gelu"
-    result = runner.invoke(app, ["export", str(runs["gelu"]), str(out), "--check"])
+    out = tmp_path / "hf" / run
+    result = runner.invoke(app, ["export", str(runs[run]), str(out), "--check"])
     assert result.exit_code == 0, result.output
-    assert "as GPT2LMHeadModel" in result.stdout and "check passed: max |logit difference|" in result.stdout
+    assert f"as {architecture}" in result.stdout and "check passed: max |logit difference|" in result.stdout
     assert "greedy 32 tokens identical" in result.stdout and "tokenizer on" in result.stdout
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "README.md"} <= set(leftovers(out))
-    assert leftovers(out.parent) == ["gelu"]  # no temp folder left beside it
+    assert leftovers(out.parent) == [run]  # no temp folder left beside it
 
 
 def test_moe_run_is_refused_and_nothing_written(runs, tmp_path):

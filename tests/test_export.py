@@ -1,27 +1,41 @@
-"""Export to transformers: exact mappings (logits, greedy generation, tokenizer, against the files alone),
-refusals of what has no exact target, the safetensors file, the model card and verify_export's verdicts."""
+"""Export to transformers, one trained run per exact mapping: transformers' model built from the exported files
+alone reproduces logits, greedy generation and tokenization; the safetensors file, the card, verify_export."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from export_helpers import BLOCK_SIZE, train_run
 from safetensors.torch import load_file, save_file
 
-from moegpt.config import ModelConfig, MoEConfig
 from moegpt.data import TokenDataset, prepare_dataset
-from moegpt.errors import MoegptError
-from moegpt.export import ExportRefused, choose_mapping, export_run
-from moegpt.export.gpt2 import GPT2Mapping
-from moegpt.model import GPT
+from moegpt.export import export_run
 from moegpt.runs import load_run
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-GPT2_RUNS = {"char-gelu": ("tiny", ["--moe", "dense", "--activation", "gelu"]),
-             "char-relu-bias": ("tiny", ["--moe", "dense", "--activation", "relu", "--set", "model.bias=true"]),
-             "bpe-gelu": ("bpe", ["--moe", "dense", "--activation", "gelu"])}
+# transformers builds DeepSeek-V3's shared-expert MLP even with none (n_shared_experts = 0): empty weights
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:Initializing zero-element")]
+LLAMA = ["--set", "model.arch=llama"]
+MLA = [*LLAMA, "--set", "model.attention=mla", "--set", "model.kv_lora_rank=16", "--set", "model.qk_nope_head_dim=8",
+       "--set", "model.qk_rope_head_dim=4", "--set", "model.v_head_dim=8"]
+# case -> (data, train flags, transformers class)
+CASES = {
+    "char-gelu": ("tiny", ["--moe", "dense", "--activation", "gelu"], "GPT2LMHeadModel"),
+    "char-relu-bias": ("tiny", ["--moe", "dense", "--activation", "relu", "--set", "model.bias=true",
+                                "--set", "model.tie_embeddings=false"], "GPT2LMHeadModel"),
+    "bpe-gelu": ("bpe", ["--moe", "dense", "--activation", "gelu"], "GPT2LMHeadModel"),
+    "llama-dense": ("tiny", [*LLAMA, "--moe", "dense"], "LlamaForCausalLM"),
+    "mixtral": ("bpe", [*LLAMA, "--moe", "topk", "--set", "model.tie_embeddings=false"], "MixtralForCausalLM"),
+    # expert width 43 (128 / 3): transformers' grouped-matmul kernel cannot take it, the export names the loop
+    "qwen2-moe": ("tiny", [*LLAMA, "--moe", "shared", "--set", "moe.shared_gate=true", "--set", "moe.first_dense=1",
+                           "--set", "moe.normalize_topk=false"], "Qwen2MoeForCausalLM"),
+    "deepseek-v3": ("tiny", [*MLA, "--moe", "aux-free", "--n-expert", "8", "--set", "moe.n_group=2",
+                             "--set", "moe.topk_group=1", "--set", "moe.routed_scaling_factor=2.5",
+                             "--set", "model.q_lora_rank=12", "--set", "moe.first_dense=1"], "DeepseekV3ForCausalLM"),
+    "deepseek-v3-dense": ("tiny", [*MLA, "--moe", "dense"], "DeepseekV3ForCausalLM"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +51,23 @@ def data_roots(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(data_roots, tmp_path_factory):
-    """name -> (run folder, export folder) for every gpt2 mapping case."""
+    """case -> (run folder, export folder)."""
     runs, outs = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("exports")
     made = {}
-    for name, (data, flags) in GPT2_RUNS.items():
+    for name, (data, flags, _) in CASES.items():
         run = train_run(data_roots[data], data, runs, name, *flags)
         export_run(load_run(run), outs / name)
         made[name] = (run, outs / name)
     return made
 
 
-@pytest.mark.parametrize("case", list(GPT2_RUNS))
+@pytest.mark.parametrize("case", list(CASES))
 def test_transformers_reproduces_the_run(exports, case):
     transformers = pytest.importorskip("transformers")
     run_dir, out = exports[case]
     run = load_run(run_dir)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
-    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert type(model).__name__ == CASES[case][2]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     model.eval()
     ds = TokenDataset(run.existing_data_dir())
@@ -79,10 +93,15 @@ def test_weights_are_plain_safetensors(exports):
     n_layer = load_run(run_dir).config.model.n_layer
     per_layer = {f"{part}.{kind}" for part in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
                  for kind in ("weight", "bias")}
-    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"}
+    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+                "lm_head.weight"}  # an untied head
     expected |= {f"transformer.h.{i}.{name}" for i in range(n_layer) for name in per_layer}
     assert set(tensors) == expected and all(t.dtype == torch.float32 for t in tensors.values())
     assert not [p for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    # experts are written one by one, as published Mixtral checkpoints are
+    tensors = load_file(str(exports["mixtral"][1] / "model.safetensors"))
+    assert tensors["model.layers.1.block_sparse_moe.experts.3.w1.weight"].shape == (64, 32)
+    assert tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"].shape == (32, 64)
 
 
 def test_config_and_card(exports):
@@ -100,48 +119,40 @@ def test_config_and_card(exports):
     assert generation["eos_token_id"] == run.tokenizer().eot_id
 
 
-def test_verify_export_passes_and_catches_a_wrong_weight(exports, tmp_path):
+def swap_gate_and_up(tensors):  # SwiGLU's two input matrices in the wrong roles
+    for name in [n for n in tensors if n.endswith(".w1.weight")]:
+        up = name.replace(".w1.", ".w3.")
+        tensors[name], tensors[up] = tensors[up], tensors[name]
+
+
+def drop_selection_bias(tensors):  # DeepSeek-V3 choosing experts without e_score_correction_bias
+    for name in [n for n in tensors if n.endswith("e_score_correction_bias")]:
+        tensors[name] = torch.zeros_like(tensors[name])
+
+
+def open_shared_gate(tensors):  # Qwen2-MoE's shared expert at a constant sigmoid(0) = 0.5
+    for name in [n for n in tensors if n.endswith("shared_expert_gate.weight")]:
+        tensors[name] = torch.zeros_like(tensors[name])
+
+
+def scale_one_weight(tensors):
+    tensors["transformer.h.1.mlp.c_proj.weight"] *= 1.01
+
+
+@pytest.mark.parametrize("case, corrupt", [("char-gelu", scale_one_weight), ("mixtral", swap_gate_and_up),
+                                           ("deepseek-v3", drop_selection_bias), ("qwen2-moe", open_shared_gate)])
+def test_verify_export_passes_and_catches_a_wrong_convention(exports, tmp_path, case, corrupt):
     pytest.importorskip("transformers")
     from moegpt.export.verify import verify_export
 
-    run_dir, out = exports["char-gelu"]
+    run_dir, out = exports[case]
     run = load_run(run_dir)
     report = verify_export(out, run)
     assert report.passed and report.greedy_tokens == 32 and report.tokenizer_tokens > 0, report.summary()
     broken = tmp_path / "broken"
-    export_run(run, broken)
+    shutil.copytree(out, broken)
     tensors = load_file(str(broken / "model.safetensors"))
-    tensors["transformer.h.1.mlp.c_proj.weight"] *= 1.01
+    corrupt(tensors)
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     report = verify_export(broken, run)
     assert not report.passed and report.max_logit_diff > 1e-4 and not report.loading_problems
-
-
-def gpt(variant: str = "dense", activation: str = "gelu", **moe) -> GPT:
-    return GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16),
-               MoEConfig(variant=variant, activation=activation, n_expert=4, top_k=2, **moe))
-
-
-@pytest.mark.parametrize("variant", ["topk", "noisy-topk", "switch", "shared", "expert-choice", "soft", "aux-free",
-                                     "basic"])
-def test_moe_on_the_gpt2_trunk_is_refused(variant):
-    with pytest.raises(ExportRefused, match=f"{variant} MoE layers on the gpt2 trunk.*nearest exportable: .*gelu"):
-        choose_mapping(gpt(variant))
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "linear"])
-def test_dense_ffn_gpt2_cannot_express_is_refused(activation):
-    with pytest.raises(ExportRefused, match=f"no {activation} FFN.*nearest exportable"):
-        choose_mapping(gpt("dense", activation))
-
-
-def test_moe_config_whose_layers_are_all_dense_exports():
-    model = gpt("topk", "relu", first_dense=2)  # layers 0 and 1 dense: no MoE layer at all
-    assert isinstance(choose_mapping(model), GPT2Mapping)
-
-
-def test_a_weight_no_mapping_places_stops_the_export():
-    model = gpt()
-    model.blocks[0].extra = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(MoegptError, match="does not place these weights: blocks.0.extra"):
-        GPT2Mapping().hf_weights(model)

@@ -78,11 +78,11 @@ def val_batch(run: LoadedRun, batch_size: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def greedy(ours: torch.nn.Module, theirs: Any, prompt: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
     """moegpt's and transformers' greedy continuations (no stop at end-of-text: moegpt has none)."""
-    config = import_transformers().GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None,
-                                                     pad_token_id=0)
+    # as keyword arguments: a GenerationConfig object's None fields fall back to the model's defaults (its
+    # end-of-text id would stop generation early)
     expected = ours.generate(prompt, n, temperature=0.0)[0, prompt.shape[1]:].tolist()
-    got = theirs.generate(prompt, generation_config=config,
-                          attention_mask=torch.ones_like(prompt))[0, prompt.shape[1]:].tolist()
+    got = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:].tolist()
     return expected, got
 
 
