@@ -35,7 +35,8 @@ def val_ce_at(run_dir: Path, step: int) -> float | None:
     return found
 
 
-def model_card(run: LoadedRun, tok: Tokenizer, architecture: str) -> str:
+def facts_table(run: LoadedRun, tok: Tokenizer) -> list[str]:
+    """The card's table: data, training, validation loss, shape, parameters, optimiser, checkpoint."""
     cfg, state = run.config, run.state
     m, e, t = cfg.model, cfg.moe, cfg.train
     counts = run.model.num_params()
@@ -45,10 +46,7 @@ def model_card(run: LoadedRun, tok: Tokenizer, architecture: str) -> str:
     tokens = state.get("data_state", {}).get("tokens_seen")
     ffn = f"dense {e.activation} FFN" if not run.model.moe_layers else \
         f"{e.variant} MoE, {e.n_expert} experts, {e.active_experts_per_token():g} per token, {e.activation}"
-    lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [moegpt]", "---", "",
-        f"# {run.run_dir.name}", "",
-        f"A small language model trained with moegpt {__version__} and exported as `{architecture}`.", "",
+    return [
         "| | |", "|---|---|",
         f"| data | `{cfg.data.name}`, {tok.kind} tokenizer, {tok.vocab_size} tokens |",
         f"| training | {step} steps" + (f", {tokens:,} tokens" if tokens else "") + " |",
@@ -59,16 +57,25 @@ def model_card(run: LoadedRun, tok: Tokenizer, architecture: str) -> str:
         f"| optimiser | AdamW lr {t.lr:g} (cosine to {t.min_lr_ratio:g}x, {t.warmup_iters} warmup steps), "
         f"batch {t.batch_size} x {t.grad_accum} x {m.block_size} tokens, weight decay {t.weight_decay:g}, "
         f"precision {t.precision}, seed {t.seed} |",
-        f"| checkpoint | `{run.checkpoint.name}` of the run |", "",
+        f"| checkpoint | `{run.checkpoint.name}` of the run |",
+    ]
+
+
+def model_card(run: LoadedRun, tok: Tokenizer, architecture: str, folder_name: str) -> str:
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [moegpt]", "---", "",
+        f"# {run.run_dir.name}", "",
+        f"A small language model trained with moegpt {__version__} and exported as `{architecture}`.", "",
+        *facts_table(run, tok), "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'tok = AutoTokenizer.from_pretrained("PATH")',
-        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        f'tok = AutoTokenizer.from_pretrained("{folder_name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{folder_name}")',
         'ids = tok("def ", return_tensors="pt").input_ids',
         "print(tok.decode(model.generate(ids, max_new_tokens=64)[0]))",
         "```", "",
-        f"`<|endoftext|>` (id {tok.eot_id}) separates documents and ends generation. The model saw at most "
-        f"{m.block_size} tokens of context.",
+        f"`<|endoftext|>` (id {tok.eot_id}) separates documents and ends generation. The model was trained on "
+        f"{run.config.model.block_size} tokens of context.",
         "The full training configuration is in `moegpt_config.json`.", "",
     ]
     return "\n".join(lines)

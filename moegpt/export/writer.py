@@ -56,7 +56,7 @@ def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_folder(folder: Path, run: LoadedRun, mapping: Mapping) -> list[str]:
+def write_folder(folder: Path, run: LoadedRun, mapping: Mapping, out_name: str) -> list[str]:
     from safetensors.torch import save_file
 
     tok = run.tokenizer()
@@ -69,7 +69,7 @@ def write_folder(folder: Path, run: LoadedRun, mapping: Mapping) -> list[str]:
     for name, content in tokenizer_files(tok, run.config.model.block_size).items():
         write_json(folder / name, content)
     write_json(folder / "moegpt_config.json", run.config.to_dict())
-    (folder / "README.md").write_text(model_card(run, tok, mapping.architecture), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(run, tok, mapping.architecture, out_name), encoding="utf-8")
     return sorted(p.name for p in folder.iterdir())
 
 
@@ -84,7 +84,7 @@ def export_run(run: LoadedRun, out: str | Path, force: bool = False,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = write_folder(tmp, run, mapping)
+        files = write_folder(tmp, run, mapping, out.name)
         if check is not None:
             check(tmp)
         replace_folder(tmp, out)
