@@ -49,6 +49,8 @@ def export_command(
 
     llama trunk with MLA, aux-free or dense: DeepseekV3ForCausalLM
 
+    llama trunk with MLA, shared or topk with moe.normalize_topk=false: DeepseekV2ForCausalLM
+
     Load it with AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
     """
     if format_ not in FORMATS:

@@ -35,6 +35,8 @@ CASES = {
                              "--set", "moe.topk_group=1", "--set", "moe.routed_scaling_factor=2.5",
                              "--set", "model.q_lora_rank=12", "--set", "moe.first_dense=1"], "DeepseekV3ForCausalLM"),
     "deepseek-v3-dense": ("tiny", [*MLA, "--moe", "dense"], "DeepseekV3ForCausalLM"),
+    "deepseek-v2": ("tiny", [*MLA, "--moe", "shared", "--set", "moe.normalize_topk=false", "--set", "moe.first_dense=1",
+                             "--set", "moe.routed_scaling_factor=1.5"], "DeepseekV2ForCausalLM"),
 }
 
 
@@ -135,12 +137,21 @@ def open_shared_gate(tensors):  # Qwen2-MoE's shared expert at a constant sigmoi
         tensors[name] = torch.zeros_like(tensors[name])
 
 
+def rotary_key_pairs_in_half_split_order(tensors):  # DeepSeek-V2 rotates interleaved pairs
+    for name in [n for n in tensors if n.endswith("kv_a_proj_with_mqa.weight")]:
+        rank = 16  # model.kv_lora_rank of the MLA cases; rows rank.. hold the rotary key
+        rows = tensors[name].clone()
+        rows[[rank + 1, rank + 2]] = rows[[rank + 2, rank + 1]]
+        tensors[name] = rows
+
+
 def scale_one_weight(tensors):
     tensors["transformer.h.1.mlp.c_proj.weight"] *= 1.01
 
 
 @pytest.mark.parametrize("case, corrupt", [("char-gelu", scale_one_weight), ("mixtral", swap_gate_and_up),
-                                           ("deepseek-v3", drop_selection_bias), ("qwen2-moe", open_shared_gate)])
+                                           ("deepseek-v3", drop_selection_bias), ("qwen2-moe", open_shared_gate),
+                                           ("deepseek-v2", rotary_key_pairs_in_half_split_order)])
 def test_verify_export_passes_and_catches_a_wrong_convention(exports, tmp_path, case, corrupt):
     pytest.importorskip("transformers")
     from moegpt.export.verify import verify_export

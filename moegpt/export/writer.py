@@ -18,6 +18,7 @@ from pathlib import Path
 from moegpt.errors import MoegptError
 
 # each mapping module registers itself (no two accept the same model)
+from moegpt.export import deepseek_v2 as _deepseek_v2  # noqa: F401
 from moegpt.export import deepseek_v3 as _deepseek_v3  # noqa: F401
 from moegpt.export import gpt2 as _gpt2  # noqa: F401
 from moegpt.export import llama as _llama  # noqa: F401
