@@ -104,3 +104,38 @@ def test_bad_trunk_keys_are_one_line_errors(sets, fragment):
 def test_mla_head_dims_need_not_divide_n_embd():
     cfg = ModelConfig(n_embd=30, n_head=4, arch="llama", attention="mla")
     assert cfg.problems() == []
+
+
+LLAMA_MLA_SETS = ["model.arch=llama", "model.attention=mla", "moe.variant=aux-free", "moe.routed_scaling_factor=2.0",
+                  "moe.first_dense=1", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+                  "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.q_lora_rank=12",
+                  "model.tie_embeddings=false"]
+
+
+@pytest.mark.slow
+def test_llama_mla_trains_resumes_samples_and_audits_in_subprocesses(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sets = [a for s in LLAMA_MLA_SETS + [f"train.runs_root={tmp_path}", f"data.data_root={tiny_data}",
+                                         "data.name=tiny"] for a in ("--set", s)]
+    cli = [sys.executable, "-m", "moegpt.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([*cli, *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    run("train", "--preset", "tiny", "--name", "ds", "--max-iters", "4", "--ckpt-interval", "2", *sets)
+    run("train", "--config", str(tmp_path / "ds" / "config.toml"), "--name", "ds", "--resume",
+        "--max-iters", "6", "--ckpt-interval", "2")
+    from moegpt.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "ds" / "ckpt" / "step_000006.pt")
+    assert "blocks.0.attn.kv_b_proj.weight" in state["model"] and "wpe.weight" not in state["model"]
+    sample = CliRunner().invoke(app, ["sample", str(tmp_path / "ds"), "--max-new-tokens", "40", "--seed", "0"])
+    assert sample.exit_code == 0 and "KV cache" in sample.stderr, sample.output
+    audit = CliRunner().invoke(app, ["inspect-routing", str(tmp_path / "ds"), "--causality"])
+    assert audit.exit_code == 0 and "causal" in audit.stdout and "leaks" not in audit.stdout, audit.output
