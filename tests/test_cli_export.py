@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -98,3 +99,13 @@ def test_bad_flags(runs, tmp_path, args, fragment):
 def test_missing_run(tmp_path):
     assert_one_line_error(runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "o")]),
                           "checkpoint not found")
+
+
+def test_error_while_writing_leaves_nothing(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = train_run(data, "tiny", tmp_path / "runs", "gelu", "--moe", "dense", "--activation", "gelu", noise=0.0)
+    shutil.rmtree(data)  # the tokenizer is read from the run's data folder once the temporary folder exists
+    out = tmp_path / "exports" / "gelu"
+    assert_one_line_error(runner.invoke(app, ["export", str(run), str(out)]), "data folder", "is gone")
+    assert leftovers(out.parent) == []

@@ -7,6 +7,7 @@ Needs the `hf` extra (transformers); moegpt's core never imports it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,10 @@ def import_transformers() -> Any:
 def load_exported(out: Path) -> tuple[Any, list[str]]:
     """The transformers model of `out` in fp32 eval mode, and what its loading reported missing or extra."""
     transformers = import_transformers()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(out), output_loading_info=True, dtype=torch.float32)
+    with warnings.catch_warnings():  # DeepSeek without shared experts builds an empty MLP, and torch says so
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(out), output_loading_info=True, dtype=torch.float32)
     problems = [f"{kind}: {', '.join(sorted(map(str, keys))[:5])}" for kind, keys in info.items()
                 if keys and kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")]
     return model.eval(), problems
