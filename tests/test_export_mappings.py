@@ -7,7 +7,7 @@ import torch
 
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.errors import MoegptError
-from moegpt.export import ExportRefused, choose_mapping
+from moegpt.export import MAPPINGS, ExportRefused, choose_mapping
 from moegpt.export.gpt2 import GPT2Mapping
 from moegpt.model import GPT
 
@@ -33,7 +33,9 @@ def gpt(variant: str = "dense", activation: str = "swiglu", arch: str = "gpt2", 
     ({"arch": "llama", "variant": "topk", "normalize_topk": False, "model": MLA}, "DeepseekV2ForCausalLM"),
 ])
 def test_exact_mappings(kwargs, architecture):
-    assert choose_mapping(gpt(**kwargs)).architecture == architecture
+    model = gpt(**kwargs)
+    assert choose_mapping(model).architecture == architecture
+    assert sum(m.refusal(model) is None for m in MAPPINGS) == 1 and sum(m.claims(model) for m in MAPPINGS) == 1
 
 
 @pytest.mark.parametrize("variant", ["topk", "noisy-topk", "switch", "shared", "expert-choice", "soft", "aux-free",
@@ -75,8 +77,10 @@ def test_moe_on_the_gpt2_trunk_is_refused(variant):
      ["two best experts", "moe.n_expert >= 2 * moe.n_group"]),
 ])
 def test_refusals_name_the_reason_and_the_nearest_export(kwargs, fragments):
+    model = gpt(**kwargs)
+    assert sum(m.claims(model) for m in MAPPINGS) == 1  # one mapping explains the refusal
     with pytest.raises(ExportRefused) as refused:
-        choose_mapping(gpt(**kwargs))
+        choose_mapping(model)
     message = str(refused.value)
     assert message.startswith("cannot export: ") and "\n" not in message
     for fragment in fragments:

@@ -27,7 +27,6 @@ INNER_NORM_EPS = 1e-6
 
 @register
 class DeepseekV2Mapping(Mapping):
-    name = "deepseek_v2"
     architecture = "DeepseekV2ForCausalLM"
     summary = "llama trunk with MLA and shared or topk routing with moe.normalize_topk=false (DeepSeek-V2)"
 

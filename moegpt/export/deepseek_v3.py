@@ -21,7 +21,6 @@ from moegpt.moe.topk import TopKMoE
 
 @register
 class DeepseekV3Mapping(Mapping):
-    name = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
     summary = "llama trunk with MLA and the aux-free variant or a dense SwiGLU FFN (DeepSeek-V3)"
 

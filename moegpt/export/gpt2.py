@@ -24,7 +24,6 @@ GPT2_NEAREST = "a dense GELU FFN (--moe dense --activation gelu: GPT-2)"
 
 @register
 class GPT2Mapping(Mapping):
-    name = "gpt2"
     architecture = "GPT2LMHeadModel"
     summary = "gpt2 trunk with a dense GELU or ReLU FFN (GPT-2)"
 

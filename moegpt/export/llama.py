@@ -13,7 +13,6 @@ from moegpt.export.mapping import Mapping, SourceWeights, register, tied_head_un
 
 @register
 class LlamaMapping(Mapping):
-    name = "llama"
     architecture = "LlamaForCausalLM"
     summary = "llama trunk with MHA and a dense SwiGLU FFN (Llama)"
 

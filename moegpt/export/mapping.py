@@ -2,9 +2,9 @@
 
 A mapping turns a moegpt model into one transformers architecture, exactly: its `config.json` and its
 weights under that architecture's parameter names. It looks at the built model (module classes, shapes),
-never at variant names. `choose_mapping` takes the first mapping that accepts the model; when none does,
-the refusal of the mapping that claims the model's trunk names the reason and the nearest configuration
-that does export.
+never at variant names. `choose_mapping` takes the mapping that accepts the model (at most one does); when
+none does, the mapping that claims it (same trunk, attention and kind of router) names the reason and the
+nearest configuration that does export.
 """
 
 from __future__ import annotations
@@ -46,12 +46,11 @@ class SourceWeights:
 class Mapping:
     """One transformers architecture. Subclasses set the names and implement the four methods."""
 
-    name = ""  # the --format hf target, e.g. "gpt2"
     architecture = ""  # the transformers class written into config.json
     summary = ""  # the moegpt configurations it exports, for refusals
 
     def claims(self, model: nn.Module) -> bool:
-        """Whether this mapping is the one to explain a refusal for this model (same trunk)."""
+        """Whether this mapping is the one to explain a refusal for this model (its trunk, attention, router)."""
         raise NotImplementedError
 
     def refusal(self, model: nn.Module) -> str | None:

@@ -28,7 +28,6 @@ from moegpt.moe.topk import TopKMoE
 
 @register
 class MixtralMapping(Mapping):
-    name = "mixtral"
     architecture = "MixtralForCausalLM"
     summary = "llama trunk with MHA, topk routing and SwiGLU experts in every layer (Mixtral)"
 

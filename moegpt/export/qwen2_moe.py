@@ -29,7 +29,6 @@ NAMES = ("gate_proj", "up_proj", "down_proj")
 
 @register
 class Qwen2MoeMapping(Mapping):
-    name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
     summary = "llama trunk with MHA and the shared variant with moe.shared_gate (Qwen2-MoE)"
 
