@@ -12,6 +12,7 @@ from moegpt.cli.app import app
 from moegpt.cli.sample import open_run
 from moegpt.errors import MoegptError
 from moegpt.export import export_run
+from moegpt.export.writer import ExportExists
 
 FORMATS = ("hf",)
 
@@ -68,7 +69,10 @@ def export_command(
             if not report.passed:
                 raise ExportCheckFailed(f"check failed, nothing written: {report.summary()}")
 
-    result = export_run(loaded, out, force=force, check=checker)
+    try:
+        result = export_run(loaded, out, force=force, check=checker)
+    except ExportExists as err:
+        raise MoegptError(f"{err} (--force)") from None
     size = result.weights_bytes / 1e6
     typer.echo(f"exported {loaded.checkpoint} (step {loaded.state.get('step', '?')}) as {result.architecture} "
                f"to {result.out}: {', '.join(result.files)} ({size:.1f} MB of weights)")

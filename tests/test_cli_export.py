@@ -60,7 +60,8 @@ def test_destinations(runs, tmp_path):
     out = tmp_path / "out"
     assert runner.invoke(app, ["export", str(runs["gelu"]), str(out)]).exit_code == 0
     (out / "README.md").write_text("old")
-    assert_one_line_error(runner.invoke(app, ["export", str(runs["gelu"]), str(out)]), "already holds an export")
+    again = runner.invoke(app, ["export", str(runs["gelu"]), str(out)])
+    assert_one_line_error(again, "already holds an export", "--force")
     assert (out / "README.md").read_text() == "old"
     assert runner.invoke(app, ["export", str(runs["gelu"]), str(out), "--force"]).exit_code == 0
     assert (out / "README.md").read_text() != "old" and leftovers(tmp_path) == ["busy", "out"]

@@ -34,6 +34,10 @@ WEIGHTS_FILE = "model.safetensors"
 EXPORT_MARKERS = ("config.json", WEIGHTS_FILE)
 
 
+class ExportExists(MoegptError):
+    """The destination holds a previous export and replacing it was not asked for."""
+
+
 @dataclass
 class ExportResult:
     out: Path
@@ -50,7 +54,7 @@ def check_destination(out: Path, force: bool) -> None:
     if not all((out / name).is_file() for name in EXPORT_MARKERS):
         raise MoegptError(f"{out} is a non-empty folder that holds no export; choose a new folder")
     if not force:
-        raise MoegptError(f"{out} already holds an export; choose a new folder or replace it (force)")
+        raise ExportExists(f"{out} already holds an export; choose a new folder or replace it")
 
 
 def write_json(path: Path, content: dict) -> None:
