@@ -44,6 +44,16 @@ def test_bpe_encodes_like_tiktoken(bpe, corpus_text):
         assert hf.decode(bpe.encode(text)) == text
 
 
+def test_gpt2_split_pattern_encodes_like_tiktoken(bpe, corpus_text):
+    # the `gpt2` kind's vocabulary needs a download; its split pattern (tiktoken's own) does not
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    tok = bpe_from_ranks(dict(bpe.encoding._mergeable_ranks), r50k_pat_str)
+    hf = hf_tokenizer(tok)
+    for text in (corpus_text, awkward_text(3)):
+        assert hf.encode(text).ids == tok.encode(text)
+
+
 def test_bpe_special_and_byte_tokens(bpe):
     body = tokenizer_files(bpe, 64)["tokenizer.json"]
     assert body["added_tokens"] == [{"id": bpe.eot_id, "content": EOT, "single_word": False, "lstrip": False,
