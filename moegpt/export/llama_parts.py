@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from moegpt.export.mapping import SourceWeights, trunk
 from moegpt.mla import MultiHeadLatentAttention
 from moegpt.moe.dense import DenseFFN
-from moegpt.moe.routing import TokenChoiceMoE
 
 MLA_NAMES = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
              "kv_b_proj", "o_proj")
@@ -38,18 +37,16 @@ def ffn_activation(model: nn.Module) -> str:
 
 
 def routed_problem(model: nn.Module, target: str) -> str | None:
-    """What stops the routed layers from matching any transformers MoE block: experts that are not
-    SwiGLU, capacity drops, or a router other than a plain token-choice one."""
+    """What stops token-choice routed layers from matching a transformers MoE block: experts that are not
+    SwiGLU, or capacity drops."""
     if ffn_activation(model) != "swiglu":
         return (f"{target}'s experts are SwiGLU MLPs, not {ffn_activation(model)}; "
                 "nearest exportable: moe.activation=swiglu")
-    for i in routed_layers(model):
-        ffn = model.blocks[i].ffn
-        if not isinstance(ffn, TokenChoiceMoE):
-            return None  # the caller's class check names this variant
-        if ffn.capacity_factor > 0:
+    for i in routed_layers(model):  # token-choice layers (the callers have checked the router's class)
+        capacity = getattr(model.blocks[i].ffn, "capacity_factor", 0.0)
+        if capacity > 0:
             return (f"{target} is dropless, and this model drops tokens past a capacity factor of "
-                    f"{ffn.capacity_factor:g}; nearest exportable: moe.capacity_factor=0")
+                    f"{capacity:g}; nearest exportable: moe.capacity_factor=0")
     return None
 
 
