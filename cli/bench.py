@@ -120,7 +120,7 @@ def _training_tokens(preset_data: Path, limit: int = 2_000_000) -> torch.Tensor 
 
 @bench_app.command("model")
 def bench_model_command(
-    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, tiny, gpu-small).")] = "cpu",
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, deepseek, tiny, gpu-small).")] = "cpu",
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants; the first is the "
                                                              "baseline.")] = "dense,topk",
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
@@ -164,24 +164,31 @@ def bench_model_command(
 
 @bench_app.command("sample")
 def bench_sample_command(
-    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, tiny, gpu-small).")] = "cpu",
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, deepseek, tiny, gpu-small).")] = "cpu",
     moe: Annotated[str, typer.Option("--moe", help="Variant of the model.")] = "topk",
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate.")] = 256,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed rounds (each runs every mode once; "
                                          "the best run per mode counts).")] = 5,
+    attention: Annotated[str | None, typer.Option(
+        "--attention", help="Compare KV-cached sampling across attentions instead, e.g. mha,mla (on the llama "
+        "trunk; mla runs both its absorbed and its plain decode): tokens/s and cache memory.")] = None,
     fmt: Format = "table", device: Device = "auto",
 ) -> None:
     """Greedy generation tokens/s with the KV cache vs full recomputation (untrained weights: speed only).
 
     Modes, alternated round by round: kv-cache; recompute (the same window, so the same tokens);
     recompute-crop (nanoGPT's way: always the last block_size tokens, a longer window past block_size).
-    `speedup` is kv-cache over recompute: the median over rounds of the ratio within a round."""
+    `speedup` is kv-cache over recompute: the median over rounds of the ratio within a round.
+    With --attention: KV-cached tokens/s, cache bytes per token and a full cache's bytes per attention."""
     from moegpt.generate import benchmark_generation
     from moegpt.model import GPT
 
     check_format(fmt)
     cfg = resolve_config(preset, sets=[f"moe.variant={moe}"])
     dev = resolve_device(device)
+    if attention is not None:
+        _bench_sample_attention(cfg, attention, new_tokens, repeats, fmt, dev)
+        return
     torch.manual_seed(0)
     model = GPT(cfg.model, cfg.moe).to(dev).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -195,6 +202,20 @@ def bench_sample_command(
             "speedup_best": round(stats["speedup_best"], 2), "same_tokens": stats["same_tokens"],
             "rows": rows}, fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
            ["mode", "tokens_per_s", "kv_cache_speedup"])
+
+
+def _bench_sample_attention(cfg, attention: str, new_tokens: int, repeats: int, fmt: str, dev) -> None:
+    from moegpt.bench_attention import ATTENTION_CASES, bench_cached_sampling
+
+    try:
+        names = name_list(attention, list(ATTENTION_CASES), "attention")
+        result = bench_cached_sampling(cfg.model, cfg.moe, names, dev, new_tokens, repeats)
+    except MoegptError as err:
+        raise MoegptError(f"--attention: {err}") from None
+    render({"machine": machine_info(dev), **result}, fmt,
+           "moegpt bench sample --attention (greedy, KV cache; tokens/s of the best run, ratio: median of rounds)",
+           ["attention", "tokens_per_s", "ratio_to_first", "cache_bytes_per_token", "cache_bytes_full_context",
+            "active_params"])
 
 
 @bench_app.command("quality")

@@ -10,7 +10,8 @@ from moegpt.moe import ACTIVATIONS, BACKENDS, VARIANTS
 
 VARIANT_HELP = "MoE variant: " + ", ".join(VARIANTS) + "."
 
-Preset = Annotated[str, typer.Option("--preset", help="Starting configuration: cpu (default), tiny, gpu-small.")]
+Preset = Annotated[str, typer.Option("--preset", help="Starting configuration: cpu (default), "
+                                                      "deepseek, tiny, gpu-small.")]
 ConfigFile = Annotated[str | None, typer.Option("--config", "-c", help="TOML config file (e.g. runs/NAME/config.toml); "
                                                   "overrides the preset, flags override it.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value "

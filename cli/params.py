@@ -7,6 +7,7 @@ from rich.table import Table
 
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
+from moegpt.mla import kv_cache_values_per_token
 from moegpt.model import GPT
 from moegpt.moe import layer_facts
 from moegpt.presets import resolve_config
@@ -27,7 +28,8 @@ def params_command(
     capacity_factor: opt.CapacityFactor = None, n_layer: opt.NLayer = None, n_head: opt.NHead = None,
     n_embd: opt.NEmbd = None, block_size: opt.BlockSize = None, vocab_size: opt.VocabSize = None,
 ) -> None:
-    """Print total and active (per-token) parameters, MoE layers, FLOPs per token and weight memory."""
+    """Print total and active (per-token) parameters, MoE layers, FLOPs per token, weight memory and the
+    KV cache per token with MHA and with MLA (this model's dimensions; the one it uses is marked)."""
     cfg = resolve_config(preset, config, opt.model_flags(
         moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, activation=activation,
         capacity_factor=capacity_factor, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -40,6 +42,7 @@ def params_command(
     table.add_column("value", justify="right")
     table.add_row("layers x width x heads", f"{m.n_layer} x {m.n_embd} x {m.n_head}")
     table.add_row("context / vocab", f"{m.block_size} / {m.vocab_size}")
+    table.add_row("trunk / attention", f"{m.arch} / {m.attention}")
     if model.moe_layers:
         facts = layer_facts(m, e)
         moe_layers = model.moe_layers
@@ -53,4 +56,9 @@ def params_command(
     table.add_row("  of which embeddings", f"{counts['embedding']:,}")
     table.add_row("training FLOPs / token", human(model.flops_per_token()))
     table.add_row("weights fp32 / bf16", f"{human(counts['total'] * 4)}B / {human(counts['total'] * 2)}B")
+    for attention in ("mha", "mla"):
+        per_token = kv_cache_values_per_token(m, attention)
+        used = " (this model)" if attention == m.attention else ""
+        table.add_row(f"KV cache / token, {attention.upper()}{used}",
+                      f"{per_token * 4:,} B fp32 / {per_token * 2:,} B bf16")
     Console().print(table)

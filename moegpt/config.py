@@ -38,6 +38,19 @@ class ModelConfig:
     bias: bool = False
     # Hidden size of the dense FFN; MoE experts default to a share of it (see MoEConfig.expert_hidden).
     ffn_hidden: int = 0  # 0 = 4 * n_embd
+    # Trunk: gpt2 = learned positions, LayerNorm, tied head; llama = RoPE, RMSNorm, no biases (moegpt.trunk).
+    arch: str = "gpt2"
+    attention: str = "mha"  # mha, or mla = DeepSeek's Multi-head Latent Attention (llama trunk only)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6  # RMSNorm's epsilon (llama trunk); gpt2's LayerNorm keeps torch's 1e-5
+    tie_embeddings: bool = True  # output head shares the token embedding's weight
+    # MLA (moegpt.mla): 0 = queries straight from the residual (no low-rank query path)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64  # width of the compressed latent c_kv that the KV cache stores
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16  # the decoupled rotary part of a query head, and of the one shared rotary key
+    v_head_dim: int = 32
+    mla_absorb: bool = True  # decode steps fold W_UK into the query and W_UV into the output
 
     @property
     def resolved_ffn_hidden(self) -> int:
@@ -48,13 +61,13 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 out.append(f"model.{name} must be > 0 (got {getattr(self, name)})")
-        if self.n_head > 0 and self.n_embd % self.n_head:
+        if self.n_head > 0 and self.n_embd % self.n_head and self.attention != "mla":
             out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"model.dropout must be in [0, 1) (got {self.dropout})")
         if self.ffn_hidden < 0:
             out.append(f"model.ffn_hidden must be >= 0 (got {self.ffn_hidden})")
-        return out
+        return out + trunk_problems(self)
 
 
 @dataclass
@@ -83,6 +96,9 @@ class MoEConfig:
     topk_group: int = 1
     slots_per_expert: int = 1  # slots per expert (Soft MoE)
     dispatch: str = "sorted"
+    # Router conventions of the DeepSeek/Qwen references (defaults keep moegpt's behaviour):
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' gates (DeepSeek-V3 uses 2.5)
+    shared_gate: bool = False  # `shared`: scale the shared experts by sigmoid(x w) per token (Qwen2-MoE)
 
     def problems(self) -> list[str]:
         """Checks that hold for every variant; each variant adds its own (moegpt.moe.variant_problems)."""
@@ -101,7 +117,45 @@ class MoEConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 out.append(f"moe.{name} must be a finite number >= 0 (got {value})")
+        if not (math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
+            out.append(f"moe.routed_scaling_factor must be a finite number > 0 (got {self.routed_scaling_factor})")
         return out
+
+
+TRUNKS = ("gpt2", "llama")
+ATTENTIONS = ("mha", "mla")
+
+
+def trunk_problems(m: ModelConfig) -> list[str]:
+    """What is wrong with the trunk and attention keys (model.arch, model.attention and their dimensions)."""
+    out = []
+    if m.arch not in TRUNKS:
+        out.append(f"unknown model.arch {m.arch!r}; valid: {', '.join(TRUNKS)}")
+    if m.attention not in ATTENTIONS:
+        out.append(f"unknown model.attention {m.attention!r}; valid: {', '.join(ATTENTIONS)}")
+    if out:
+        return out
+    if m.arch == "llama":
+        if m.bias:
+            out.append("the llama trunk has no biases: model.bias must be false")
+        if not (math.isfinite(m.rope_theta) and m.rope_theta > 0):
+            out.append(f"model.rope_theta must be a finite number > 0 (got {m.rope_theta})")
+        if not (math.isfinite(m.norm_eps) and m.norm_eps > 0):
+            out.append(f"model.norm_eps must be a finite number > 0 (got {m.norm_eps})")
+    if m.attention == "mla":
+        if m.arch != "llama":
+            out.append("model.attention = 'mla' needs model.arch = 'llama' (MLA's decoupled keys are rotary; "
+                       "the gpt2 trunk has learned positions)")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(m, name) <= 0:
+                out.append(f"model.{name} must be > 0 (got {getattr(m, name)})")
+        if m.q_lora_rank < 0:
+            out.append(f"model.q_lora_rank must be >= 0 (got {m.q_lora_rank}; 0 = no low-rank query)")
+        if m.qk_rope_head_dim <= 0 or m.qk_rope_head_dim % 2:
+            out.append(f"model.qk_rope_head_dim must be even and > 0 (got {m.qk_rope_head_dim})")
+    elif m.arch == "llama" and m.n_head > 0 and m.n_embd % m.n_head == 0 and (m.n_embd // m.n_head) % 2:
+        out.append(f"RoPE rotates pairs: the head dimension n_embd / n_head = {m.n_embd // m.n_head} must be even")
+    return out
 
 
 @dataclass

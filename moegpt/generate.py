@@ -10,6 +10,11 @@ Context window rule (shared by both loops, so they produce the same tokens):
   one pass and continues one token per step until the window is full again. context_keep = block_size
   gives nanoGPT's rule (always the last block_size tokens) at the price of a full pass per token past
   block_size; the default amortises that pass over block_size // 2 tokens.
+  The llama trunk (RoPE, with MHA or MLA) follows the same rule: the window's tokens take positions
+  0..len-1 again after a slide, in both loops, so cached and recomputed generation see identical
+  inputs. Rotary attention depends only on relative positions, so the re-based window scores like the
+  unshifted one up to rounding; rebuilding (rather than keeping rotated keys at growing positions) keeps
+  every position below block_size, where the rotary tables and training live.
 
 Non-causal variants (expert-choice, soft) mix tokens of the whole window inside the FFN, so cached
 activations go stale when a token is added: they recompute the window every step (`use_cache=False`).

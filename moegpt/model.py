@@ -1,8 +1,10 @@
 """nanoGPT-style decoder whose FFN blocks come from the MoE registry.
 
-Pre-LayerNorm blocks, causal self-attention through scaled_dot_product_attention, learned
-positions, tied input/output embeddings, nanoGPT initialisation (residual projections scaled by
-1/sqrt(2 * n_layer)). Legend: B batch, T time, C width, V vocab.
+Two trunks (model.arch): gpt2 = pre-LayerNorm blocks, learned positions, tied input/output embeddings;
+llama = pre-RMSNorm blocks, rotary positions in the attention (moegpt.rope), no biases, tied or untied
+head. Attention (model.attention): mha = causal self-attention through scaled_dot_product_attention,
+or mla = Multi-head Latent Attention (moegpt.mla, llama trunk only). Both trunks use nanoGPT's
+initialisation (residual projections scaled by 1/sqrt(2 * n_layer)). Legend: B batch, T time, C width, V vocab.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from moegpt.config import ModelConfig, MoEConfig
 from moegpt.errors import MoegptError
 from moegpt.moe import FFNLayer, RouterStats, build_ffn, moe_layer_indices
 from moegpt.moe.layer import AllReduce
+from moegpt.rmsnorm import RMSNorm
+from moegpt.rope import RotaryEmbedding
 
 IGNORE_INDEX = -1
 
@@ -53,6 +57,26 @@ class KVCache:
         self.lengths[layer] = past + T
         return buf[:, :, :, :past + T].unbind(0)
 
+    def append_latent(self, layer: int, latent_BTD: Tensor, capacity: int) -> Tensor:
+        """MLA's cache: one [B, block_size, D] buffer per layer of per-token rows (the compressed latent
+        and the rotary key); stores the new rows and returns all rows so far (a view)."""
+        buf = self.kv[layer]
+        if buf is None:
+            buf = self.kv[layer] = latent_BTD.new_empty(latent_BTD.shape[0], capacity, latent_BTD.shape[2])
+        past, T = self.lengths[layer], latent_BTD.shape[1]
+        buf[:, past:past + T] = latent_BTD
+        self.lengths[layer] = past + T
+        return buf[:, :past + T]
+
+    def nbytes(self) -> int:
+        """Bytes of the cached entries (the filled part of every layer's buffer)."""
+        total = 0
+        for buf, n in zip(self.kv, self.lengths, strict=True):
+            if buf is not None:
+                per_token = buf.numel() // buf.shape[-2 if buf.dim() == 5 else 1]
+                total += per_token * n * buf.element_size()
+        return total
+
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) with a faster path for a generated token on CPU.
@@ -87,7 +111,21 @@ class GPTOutput:
     router_stats: list[RouterStats]  # one per layer (dense layers report empty stats)
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int, dropout: float = 0.0,
+                     scale: float | None = None) -> Tensor:
+    """SDPA of T new queries at positions past..past+T-1 over past+T keys, each seeing keys up to its own."""
+    T = q.shape[-2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+    if T == 1:  # one new query sees every cached key: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+    allowed = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale)
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention; on the llama trunk q and k are rotated (RoPE) before keys enter the cache."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_embd, self.block_size = cfg.n_head, cfg.n_embd, cfg.block_size
@@ -95,37 +133,56 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.rope = RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta) \
+            if cfg.arch == "llama" else None
+
+    @property
+    def cache_values_per_token(self) -> int:
+        return 2 * self.n_embd  # a key and a value per head
+
+    @property
+    def score_value_width(self) -> int:
+        """Summed width of q.k and of the values over heads (for the attention FLOPs estimate)."""
+        return 2 * self.n_embd
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
         # [B, T, 3C] -> [3, B, n_head, T, head_dim] as one view: q, k, v without a split and six reshapes
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        past = 0
-        if cache is None:
+        past = 0 if cache is None else cache.lengths[layer]
+        if self.rope is not None:
+            q, k, v = qkv.unbind(0)
+            q, k = self.rope(q, past), self.rope(k, past)
+            if cache is not None:
+                k, v = cache.append(layer, torch.stack((k, v)), self.block_size)
+        elif cache is None:
             q, k, v = qkv.unbind(0)
         else:
-            past = cache.lengths[layer]
             q = qkv[0]
             k, v = cache.append(layer, qkv[1:], self.block_size)
-        dropout = self.dropout if self.training else 0.0
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:  # one new query sees every cached key: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            # new queries sit at positions past..past+T-1 and may see keys up to their own position
-            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        y = causal_attention(q, k, v, past, self.dropout if self.training else 0.0)
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return self.resid_dropout(y) if self.dropout else y
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == "mla":
+        from moegpt.mla import MultiHeadLatentAttention  # local: moegpt.mla builds on this module's Linear
+
+        return MultiHeadLatentAttention(cfg)
+    return CausalSelfAttention(cfg)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
+        self.attn = build_attention(cfg)
+        self.ln_2 = make_norm(cfg)
         self.ffn = build_ffn(cfg, moe_cfg, layer_idx)
         self.ffn_dropout = nn.Dropout(cfg.dropout)
 
@@ -142,19 +199,21 @@ class GPT(nn.Module):
         super().__init__()
         self.config, self.moe_config = cfg, moe_cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # learned positions on gpt2; the llama trunk rotates queries and keys inside the attention instead
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_module)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        # projections that write into the residual stream: attention's c_proj and the FFNs' last
-        # matrix (w_out, or w_in for the single-matrix `linear` expert)
+        # projections that write into the residual stream: attention's c_proj (MLA's o_proj) and the FFNs'
+        # last matrix (w_out, or w_in for the single-matrix `linear` expert)
         last_ffn = "w_in" if moe_cfg.activation == "linear" else "w_out"
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight") or name.endswith(last_ffn):
+            if name.endswith(("c_proj.weight", "o_proj.weight")) or name.endswith(last_ffn):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
 
     @staticmethod
@@ -191,7 +250,9 @@ class GPT(nn.Module):
             raise MoegptError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if cache is not None:
             cache.start(len(self.blocks))
-        x = self.wte(idx) + self.wpe.weight[past:past + T]  # = wpe(arange(past, past + T)), one op cheaper
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[past:past + T]  # = wpe(arange(past, past + T)), one op cheaper
         x = self.drop(x) if self.drop.p else x
         mask = None if targets is None else targets != IGNORE_INDEX
         if mask is not None and (not self.moe_layers or (mask.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -219,17 +280,23 @@ class GPT(nn.Module):
         ffn_total = sum(p.numel() for b in self.blocks for p in b.ffn.parameters())
         ffn_active = sum(b.ffn.active_params(self.config.block_size) for b in self.blocks)
         active = total - ffn_total + ffn_active
-        embeddings = self.wte.weight.numel() + self.wpe.weight.numel()
+        embeddings = self.wte.weight.numel() + (0 if self.wpe is None else self.wpe.weight.numel())
         return {"total": total, "active": active, "embedding": embeddings,
                 "active_non_embedding": active - embeddings}
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): 6 * active non-embedding params + attention
-        (12 * n_layer * n_embd * block_size), the nanoGPT/PaLM estimate, plus the tied output head."""
+        (6 * block_size * the q.k and value widths per layer: 12 * n_layer * n_embd * block_size for
+        MHA), the nanoGPT/PaLM estimate, plus the tied output head (an untied one is already counted)."""
         cfg = self.config
         n = self.num_params()
-        head = cfg.n_embd * cfg.vocab_size
-        return 6 * (n["active_non_embedding"] + head) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        head = cfg.n_embd * cfg.vocab_size if cfg.tie_embeddings else 0
+        attention = 6 * cfg.block_size * sum(b.attn.score_value_width for b in self.blocks)
+        return 6 * (n["active_non_embedding"] + head) + attention
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 4) -> int:
+        """What generation caches per token, over all layers: keys and values (MHA) or latent + rotary key (MLA)."""
+        return bytes_per_value * sum(b.attn.cache_values_per_token for b in self.blocks)
 
 
 def aux_losses(stats: list[RouterStats], moe_cfg: MoEConfig) -> dict[str, Tensor]:

@@ -18,6 +18,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"max_iters": 1400, "batch_size": 16, "lr": 2e-3, "warmup_iters": 100,
                   "eval_interval": 200, "eval_iters": 20, "ckpt_interval": 500},
     },
+    # A small DeepSeek-V3-shaped model for the CPU: llama trunk (RoPE, RMSNorm), Multi-head Latent
+    # Attention (a KV cache of kv_lora_rank + qk_rope_head_dim values per token and layer instead of
+    # 2 * n_embd), a dense first layer, then aux-free MoE with fine-grained experts (16, top-4, each a
+    # quarter of the dense FFN) and group-limited routing (4 groups, the best 2 eligible). Active
+    # parameters equal the cpu preset's dense model to within 0.2%; same schedule as cpu.
+    "deepseek": {
+        "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "vocab_size": 2048,
+                  "arch": "llama", "attention": "mla", "kv_lora_rank": 64, "q_lora_rank": 0,
+                  "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32},
+        "moe": {"variant": "aux-free", "n_expert": 16, "top_k": 4, "n_group": 4, "topk_group": 2,
+                "first_dense": 1},
+        "train": {"max_iters": 1400, "batch_size": 16, "lr": 2e-3, "warmup_iters": 100,
+                  "eval_interval": 200, "eval_iters": 20, "ckpt_interval": 500},
+    },
     # Seconds, for tests and smoke runs.
     "tiny": {
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 2048},

@@ -96,3 +96,23 @@ def test_bad_bench_option_is_one_line_naming_the_full_command():
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moegpt: error: ")
     assert "'moegpt bench sample --help'" in lines[0]
+
+
+def test_bench_sample_attention_json_reports_cache_memory_for_mha_and_mla():
+    out = run_json(["sample", "--preset", "deepseek", "--attention", "mha,mla", "--new-tokens", "4",
+                    "--repeats", "1", "--device", "cpu"])
+    rows = {row["attention"]: row for row in out["rows"]}
+    assert list(rows) == ["mha", "mla-absorbed", "mla-plain"]
+    assert rows["mha"]["cache_bytes_per_token"] == 4 * 4 * 2 * 128
+    assert rows["mla-absorbed"]["cache_bytes_per_token"] == rows["mla-plain"]["cache_bytes_per_token"] == 4 * 4 * 80
+    for row in rows.values():  # a full cache: block_size tokens, measured on the real buffers
+        assert row["cache_bytes_full_context"] == 128 * row["cache_bytes_per_token"]
+        assert row["tokens_per_s"] > 0
+    assert rows["mha"]["ratio_to_first"] == 1.0
+    assert out["mla_absorbed_same_tokens_as_plain"] is True
+
+
+def test_bench_sample_bad_attention_is_one_line():
+    result = runner.invoke(app, ["bench", "sample", "--attention", "gqa"])
+    assert result.exit_code == 2 and result.stderr.startswith("moegpt: error: --attention: unknown attention")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -73,3 +73,11 @@ def test_params_reads_a_config_file_and_flags_override_it(tmp_path):
     result = invoke("params", "--config", str(path), "--n-layer", "2")
     assert result.exit_code == 0, result.output
     assert "2 x 64 x 2" in result.stdout and "switch" in result.stdout
+
+
+def test_params_shows_kv_cache_bytes_per_token_for_mha_and_mla():
+    result = invoke("params", "--preset", "deepseek")
+    assert result.exit_code == 0, result.output
+    assert "llama / mla" in result.stdout
+    assert "4,096 B fp32" in result.stdout  # MHA: 4 layers x (K + V) x 128 x 4 bytes
+    assert "1,280 B fp32" in result.stdout  # MLA: 4 layers x (64 + 16) x 4 bytes

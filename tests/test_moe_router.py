@@ -1,4 +1,4 @@
-"""Token-choice routing machinery (moegpt/moe/routing.py): expert capacity and causal drop priority."""
+"""Token-choice routing machinery (moegpt/moe/router.py): expert capacity and causal drop priority."""
 
 from __future__ import annotations
 

@@ -158,7 +158,8 @@ def inspect_routing(path: str | Path, opts: InspectOptions) -> dict[str, Any]:
     base = run_report(run, path, opts)
     if not run.model.moe_layers:
         variant = run.config.moe.variant
-        raise DenseRunError(f"{path} is dense{'' if variant == 'dense' else f' ({variant} without MoE layers)'}: "
+        what = "" if not variant_spec(variant).routed else f" ({variant} without MoE layers)"
+        raise DenseRunError(f"{path} is dense{what}: "
                             "nothing to route "
                             f"(val CE {base['val_ce']:.3f} on {base['data']['tokens']:,} {opts.split} tokens)")
     report: dict[str, Any] = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **base,

@@ -1,9 +1,10 @@
 """aux-free: DeepSeek-V3 auxiliary-loss-free balancing.
 
 s = sigmoid(logits) (fp32); experts are selected by top-k of s + b, where b is a per-expert bias
-that is not a parameter; gates = s of the selected experts / their sum. After each optimizer step
-the trainer calls `after_optimizer_step`, which sums the loads over data-parallel ranks and calls
-`update_bias()`: b_i += gamma * sign(mean_load - load_i), then b is centred.
+that is not a parameter; gates = s of the selected experts / their sum (or s itself with
+normalize_topk off), times routed_scaling_factor. After each optimizer step the trainer calls
+`after_optimizer_step`, which sums the loads over data-parallel ranks and calls `update_bias()`:
+b_i += gamma * sign(mean_load - load_i), then b is centred.
 Optional group-limited routing (n_group, topk_group): only experts of the topk_group groups with the
 highest sum of their two best biased scores are eligible. Optional sequence-wise balance loss.
 """
@@ -39,7 +40,8 @@ class AuxFreeMoE(RoutedMoE):
             biased_NE = self._limit_to_best_groups(biased_NE)
         idx_NK = torch.topk(biased_NE, self.top_k, dim=-1).indices
         weight_NK = scores_NE.gather(1, idx_NK)
-        weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        if self.normalize_topk:  # off = DeepSeek's norm_topk_prob=False: the raw sigmoid affinities gate
+            weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True).clamp(min=1e-9)
         return idx_NK, weight_NK
 
     def _limit_to_best_groups(self, biased_NE: Tensor) -> Tensor:

@@ -75,6 +75,10 @@ def variant_problems(moe: MoEConfig) -> list[str]:
         out.append(f"unknown activation {moe.activation!r}; valid: {', '.join(ACTIVATIONS)}")
     if moe.dispatch not in BACKENDS:
         out.append(f"unknown dispatch backend {moe.dispatch!r}; valid: {', '.join(BACKENDS)}")
+    if moe.shared_gate and not VARIANTS[moe.variant].has_shared_experts:
+        with_shared = [name for name, spec in VARIANTS.items() if spec.has_shared_experts]
+        out.append(f"moe.shared_gate needs a variant with shared experts ({', '.join(with_shared)}; "
+                   f"got {moe.variant!r})")
     if moe.n_expert >= 1:
         out += VARIANTS[moe.variant].problems(moe)
     return out

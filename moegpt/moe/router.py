@@ -68,6 +68,7 @@ class RoutedMoE(FFNLayer):
         self.normalize_topk = moe_cfg.normalize_topk
         self.jitter = moe_cfg.router_jitter
         self.capacity_factor = capacity_factor(moe_cfg)
+        self.routed_scaling_factor = moe_cfg.routed_scaling_factor
         self.router = nn.Linear(C, self.n_expert, bias=False)
         self.experts = ExpertBank(self.n_expert, C, expert_hidden(model_cfg, moe_cfg), moe_cfg.activation)
         # tensors of the current forward shared between its steps (cleared when it ends). A dict, mutated in
@@ -130,6 +131,8 @@ class RoutedMoE(FFNLayer):
         x_NC = x.reshape(B * T, C)
         logits_NE = self.router_logits(x_NC)
         idx_NK, weight_NK = self.select(logits_NE, x_NC)
+        if self.routed_scaling_factor != 1.0:  # DeepSeek-V3 scales the routed gates after normalising them
+            weight_NK = weight_NK * self.routed_scaling_factor
         dropped_NK = self.capacity_dropped(idx_NK, B, T)
         dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
         y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)

@@ -1,12 +1,14 @@
 """shared: always-on shared experts plus fine-grained routed top-k experts (DeepSeekMoE 2024).
 
 The n_shared shared experts are summed with weight 1, which equals one dense MLP of hidden width
-n_shared * expert_hidden; that is how they are stored.
+n_shared * expert_hidden; that is how they are stored. With `shared_gate` (Qwen2-MoE) their output is
+scaled per token by sigmoid(x . w_gate), a learned [C, 1] gate.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from moegpt.moe.experts import DenseMLP
 from moegpt.moe.registry import expert_hidden
@@ -26,6 +28,8 @@ class SharedExpertMoE(RoutedMoE):
         self.n_shared = moe_cfg.n_shared
         self.shared = DenseMLP(model_cfg.n_embd, hidden * self.n_shared, moe_cfg.activation) \
             if self.n_shared > 0 else None
+        self.shared_gate = nn.Linear(model_cfg.n_embd, 1, bias=False) \
+            if moe_cfg.shared_gate and self.shared is not None else None
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
         return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax)
@@ -35,6 +39,8 @@ class SharedExpertMoE(RoutedMoE):
         if self.shared is None:
             return routed, stats
         shared = self.shared(x)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x)) * shared
         shared_norm = shared.detach().float().norm(dim=-1)
         stats.extras[SHARED_SHARE.key] = (
             shared_norm / (shared_norm + routed.detach().float().norm(dim=-1)).clamp(min=1e-9)).mean()
@@ -42,6 +48,8 @@ class SharedExpertMoE(RoutedMoE):
 
     def active_params(self, block_size: int) -> int:
         shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
+        if self.shared_gate is not None:
+            shared += self.shared_gate.weight.numel()
         return super().active_params(block_size) + shared
 
 
@@ -55,6 +63,6 @@ def _problems(moe) -> list[str]:
 SPEC = VariantSpec(
     name="shared", layer=SharedExpertMoE,
     description="always-on shared experts + fine-grained routed experts", reference="DeepSeekMoE 2024",
-    expert_width_share=lambda moe: float(moe.top_k + moe.n_shared), problems=_problems,
+    expert_width_share=lambda moe: float(moe.top_k + moe.n_shared), problems=_problems, has_shared_experts=True,
     extra_stats=(SHARED_SHARE,),
 )

@@ -57,6 +57,7 @@ class VariantSpec:
     default_capacity_factor: used when moe.capacity_factor < 0 ("the variant's default"); 0 = dropless.
     uses_capacity: whether moe.capacity_factor means anything to this variant.
     routed: False for the dense baseline (its layers are not MoE layers).
+    has_shared_experts: the variant has always-on shared experts, so moe.shared_gate means something.
     problems: the variant's own validation of its knobs (messages name config keys, not CLI flags).
     """
 
@@ -70,6 +71,7 @@ class VariantSpec:
     expert_width_share: Callable[[MoEConfig], float] | None = None
     default_capacity_factor: float = 0.0
     uses_capacity: bool = True
+    has_shared_experts: bool = False  # always-on shared experts (moe.n_shared, moe.shared_gate apply)
     problems: Callable[[MoEConfig], list[str]] = _no_problems
     report_notes: tuple[str, ...] = ()
     extra_stats: tuple[ExtraStat, ...] = field(default_factory=tuple)

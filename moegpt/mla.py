@@ -1,0 +1,117 @@
+"""Multi-head Latent Attention (MLA; DeepSeek-V2 2024, DeepSeek-V3 2024) with a compressed KV cache.
+
+Per token the residual x is projected once to a latent c_kv of width r = kv_lora_rank (then RMSNorm)
+and to one rotary key k_pe of width dr = qk_rope_head_dim shared by all heads. Per head, keys are
+[k_nope, k_pe] with k_nope = W_UK c_kv, and values are v = W_UV c_kv (kv_b_proj holds [W_UK; W_UV] per
+head). Queries are [q_nope, q_pe], straight from x (q_proj) or through a low-rank path
+(q_a_proj -> RMSNorm -> q_b_proj) when q_lora_rank > 0. q_pe and k_pe carry the position (RoPE,
+moegpt.rope's half-split layout = transformers' DeepseekV3 with rope_interleave=False); q_nope and
+k_nope carry none ("decoupled RoPE"). Softmax scale 1/sqrt(dn + dr) (no YaRN mscale: no rope scaling).
+
+The KV cache stores only [RMSNorm(c_kv), rotated k_pe]: r + dr values per token per layer, against
+2 * n_embd for MHA. Two ways to attend over it:
+  plain: expand the cached latents into per-head keys and values (kv_b_proj), then ordinary attention;
+  absorbed (decode steps, `mla_absorb`): q_nope.k_nope = (W_UK^T q_nope).c_kv, so W_UK folds into the
+    query and the scores are taken against the latents themselves; the softmax-weighted sum of latents is
+    mapped by W_UV afterwards (folded into the output). Nothing per cached token is expanded.
+
+Parameter names follow transformers' DeepseekV3Attention. Legend: B batch, T new tokens, S tokens attended
+(cached + new), H heads, R = kv_lora_rank, P = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moegpt.config import ModelConfig
+from moegpt.model import KVCache, Linear, causal_attention
+from moegpt.rmsnorm import RMSNorm
+from moegpt.rope import RotaryEmbedding
+
+
+def kv_cache_values_per_token(cfg: ModelConfig, attention: str) -> int:
+    """Cached values per token over all layers for `attention` ("mha" or "mla") with cfg's dimensions."""
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if attention == "mla" else 2 * cfg.n_embd
+    return cfg.n_layer * per_layer
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, H = cfg.n_embd, cfg.n_head
+        self.n_head, self.block_size = H, cfg.block_size
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = cfg.kv_lora_rank, cfg.q_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank > 0:
+            self.q_a_proj = Linear(C, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.q_proj = Linear(C, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(C, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, C, bias=False)
+        self.rope = RotaryEmbedding(self.rope_dim, cfg.block_size, cfg.rope_theta)
+        self.scale = qk_dim ** -0.5
+        self.absorb = cfg.mla_absorb
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    @property
+    def cache_values_per_token(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    @property
+    def score_value_width(self) -> int:
+        return self.n_head * (self.nope_dim + self.rope_dim + self.v_dim)
+
+    def queries(self, x_BTC: Tensor) -> Tensor:
+        if self.q_lora_rank > 0:
+            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTC)))
+        return self.q_proj(x_BTC)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.lengths[layer]
+        q_BHTD = self.queries(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        q_nope, q_pe = q_BHTD.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = self.rope(q_pe, past)
+        c_kv_BTR, k_pe_BTP = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent_BTL = torch.cat((self.kv_a_layernorm(c_kv_BTR), self.rope(k_pe_BTP, past)), dim=-1)
+        if cache is not None:
+            latent_BTL = cache.append_latent(layer, latent_BTL, self.block_size)
+        if cache is not None and T == 1 and self.absorb:
+            y_BHTV = self.absorbed(q_nope, q_pe, latent_BTL)
+        else:
+            y_BHTV = self.plain(q_nope, q_pe, latent_BTL, past)
+        y = self.o_proj(y_BHTV.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+        return self.resid_dropout(y) if self.dropout else y
+
+    def plain(self, q_nope: Tensor, q_pe: Tensor, latent_BSL: Tensor, past: int) -> Tensor:
+        """Latents expanded into per-head keys and values, then causal attention."""
+        B, S, _ = latent_BSL.shape
+        c_kv_BSR, k_pe_BSP = latent_BSL.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_BHSD = self.kv_b_proj(c_kv_BSR).view(B, S, self.n_head, -1).transpose(1, 2)
+        k_nope, v_BHSV = kv_BHSD.split([self.nope_dim, self.v_dim], dim=-1)
+        k_BHSD = torch.cat((k_nope, k_pe_BSP[:, None].expand(B, self.n_head, S, self.rope_dim)), dim=-1)
+        q_BHTD = torch.cat((q_nope, q_pe), dim=-1)
+        return causal_attention(q_BHTD, k_BHSD, v_BHSV, past, self.dropout if self.training else 0.0, self.scale)
+
+    def absorbed(self, q_nope_BH1N: Tensor, q_pe_BH1P: Tensor, latent_BSL: Tensor) -> Tensor:
+        """One new token per sequence against the cached latents, W_UK folded into the query and W_UV
+        into the output. The H heads become H queries of one head over shared keys [c_kv, k_pe]
+        (an MQA-shaped attention), and a single query sees every cached token: no mask."""
+        B, H = q_nope_BH1N.shape[:2]
+        w_HDR = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk_HNR, w_uv_HVR = w_HDR[:, :self.nope_dim], w_HDR[:, self.nope_dim:]
+        q_lat_BH1R = q_nope_BH1N @ w_uk_HNR
+        q_B1HL = torch.cat((q_lat_BH1R, q_pe_BH1P), dim=-1).view(B, 1, H, -1)
+        keys_B1SL = latent_BSL[:, None]
+        values_B1SR = keys_B1SL[..., :self.kv_lora_rank]
+        dropout = self.dropout if self.training else 0.0
+        out_B1HR = torch.nn.functional.scaled_dot_product_attention(q_B1HL, keys_B1SL, values_B1SR,
+                                                                    dropout_p=dropout, scale=self.scale)
+        return out_B1HR.view(B, H, 1, self.kv_lora_rank) @ w_uv_HVR.transpose(1, 2)
