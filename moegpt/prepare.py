@@ -234,7 +234,7 @@ def build(work: Path, *, source: str, tokenizer: str, ready_tokenizer: Tokenizer
     meta = {
         "format": 1,
         "moegpt_version": moegpt.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": corpus.source,
         "split": {"unit": unit, "val_fraction": val_fraction, "seed": seed},
         "tokenizer": tok_info,

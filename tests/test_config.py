@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 
 import pytest
-import tomllib
 
 from moegpt.config import (
     ModelConfig,

@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 
+from moegpt.cli.routing_views import render_extras
 from moegpt.inspect.history import sparkline, training_history
 from moegpt.inspect.report import RoutingAccumulator, build_layer_reports, collect_routing, route_text
 from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION, report_to_json, validate_report
 from moegpt.inspect.stats import coefficient_of_variation, layer_summary, top1_expert
 from moegpt.model import GPT
-from moegpt.moe import experts_per_token, variant_spec
+from moegpt.moe import VARIANTS, experts_per_token, variant_spec
 from moegpt.moe.stats import RouterStats
 from moegpt.presets import resolve_config
 
@@ -134,9 +136,10 @@ def tiny_model(variant: str, **moe) -> GPT:
     return GPT(cfg.model, cfg.moe).eval()
 
 
-@pytest.mark.parametrize("variant,moe", [("topk", {"capacity_factor": 1.0}), ("switch", {}),
-                                         ("expert-choice", {}), ("soft", {}), ("shared", {}), ("aux-free", {}),
-                                         ("basic", {})])
+ROUTED = [name for name, spec in VARIANTS.items() if spec.routed]
+
+
+@pytest.mark.parametrize("variant,moe", [("topk", {"capacity_factor": 1.0}), *[(v, {}) for v in ROUTED]])
 def test_real_model_counts_add_up(variant, moe):
     model = tiny_model(variant, **moe)
     ids = torch.randint(0, model.config.vocab_size, (1000,), generator=torch.Generator().manual_seed(1))
@@ -149,10 +152,14 @@ def test_real_model_counts_add_up(variant, moe):
         assert sum(layer["counts_after_drops"]) == layer["kept"] == layer["assignments"] - layer["dropped"]
         assert sum(layer["load_before_drops"]) == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= layer["router_entropy"] <= 1.0 + 1e-6
-        if variant in ("topk", "shared", "aux-free", "switch"):
+        if variant_spec(variant).causal:  # token choice: every token makes exactly its k choices
             k = experts_per_token(model.moe_config, model.config.block_size)
             assert layer["assignments"] == collected.tokens * k
-        if variant == "topk":
+        declared = variant_spec(variant).extra_stats
+        assert set(layer["extras"]) == {extra.key for extra in declared}
+        assert all(layer["extras"][extra.key] is not None for extra in declared)
+        assert layer["notes"] == list(variant_spec(variant).report_notes)
+        if variant == "topk" and moe:
             assert layer["dropped"] > 0  # capacity factor 1.0 on a random router overflows somewhere
         if variant == "expert-choice":
             assert layer["dropped"] == 0 and layer["notes"]
@@ -162,6 +169,18 @@ def test_real_model_counts_add_up(variant, moe):
             assert layer["extras"]["expert_bias"] == [0.0] * 4
         if variant == "basic":
             assert layer["load_before_drops"] == pytest.approx([0.25] * 4)
+
+
+@pytest.mark.parametrize("variant", [v for v in ROUTED if variant_spec(v).extra_stats])
+def test_declared_extras_reach_the_terminal_report(variant):
+    model = tiny_model(variant)
+    collected = collect_routing(model, torch.arange(200).numpy() % 50, batch_size=2, block_size=32)
+    layers = build_layer_reports(collected.accumulator, [])["layers"]
+    console = Console(record=True, width=100)
+    render_extras(console, variant, layers)
+    text = console.export_text()
+    for extra in variant_spec(variant).extra_stats:
+        assert extra.label in text
 
 
 def test_route_text_gives_one_expert_per_token():
