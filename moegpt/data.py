@@ -23,7 +23,7 @@ __all__ = ["TokenDataset", "PrepareResult", "ensure_prepared", "prepare_dataset"
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 SPLITS = ("train", "val")
-# Bins up to this many tokens are scanned once for ids outside the vocabulary (~10 ms per 10M tokens);
+# Bins up to this many tokens are scanned once for ids outside the vocabulary (cheap: one vectorised pass);
 # larger ones are trusted to the size/dtype checks so opening them stays instant.
 SCAN_LIMIT_TOKENS = 1 << 26
 

@@ -200,7 +200,7 @@ def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int,
 
     use_cache: None = KV cache for causal models, recompute for non-causal ones (with a warning);
     context_keep: tokens kept when the window slides past block_size (default block_size // 2; module doc).
-    The model runs in eval mode under inference_mode (cheaper per op than no_grad: ~10-20% more
+    The model runs in eval mode under inference_mode (cheaper per op than no_grad: more
     tokens/s for the default model); its previous mode is restored afterwards. The token buffer is
     made outside it, so returned tokens are ordinary tensors.
     """

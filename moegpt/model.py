@@ -81,9 +81,9 @@ class KVCache:
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) with a faster path for a generated token on CPU.
 
-    For a few rows without autograd, MKL's matrix-vector product ran 2-3.5x faster here with the weight
-    laid out [in, out] than with nn.Linear's [out, in] (lm_head 2048x128: 29 vs 103 us; c_attn 384x128:
-    12 vs 24 us), so such calls multiply by a transposed copy of the weight. The copy is keyed by the
+    For a few rows without autograd, MKL's matrix-vector product is faster with the weight laid out
+    [in, out] than with nn.Linear's [out, in] (README, "Dispatch backends", has the figures), so such
+    calls multiply by a transposed copy of the weight. The copy is keyed by the
     weight's storage and in-place version: any update (optimizer step, load_state_dict, .to()) rebuilds it.
     """
 

@@ -1,4 +1,4 @@
-"""The causality audit: suffix perturbation and full-vs-cached routing agreement (DESIGN §5)."""
+"""The causality audit: suffix perturbation and full-vs-cached routing agreement (docs/architecture.md, "Causality")."""
 
 from __future__ import annotations
 

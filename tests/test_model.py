@@ -96,7 +96,7 @@ def test_aux_total_is_the_per_layer_sum_times_coefficients(variant):
 
 
 def test_layer_losses_are_the_design_formulas_over_real_tokens():
-    """Each topk layer's balance and z equal DESIGN §4 on its own tokens, with ignored targets masked out."""
+    """Each topk layer's balance and z equal the definitions on its own tokens, with ignored targets masked out."""
     model = build("topk", balance_coef=1.0, z_coef=1.0).train()
     idx = tokens(2, 12)
     targets = idx.clone()

@@ -1,4 +1,4 @@
-"""The one MoE interface (DESIGN §3) and causality (§5), for every variant in the registry.
+"""The one FFN interface and causality (docs/architecture.md), for every variant in the registry.
 
 Every test here is parametrised over `VARIANTS`, so a new variant is covered without editing tests.
 """
@@ -147,7 +147,7 @@ def test_active_params_is_positive_and_at_most_total(variant):
     assert isinstance(active, int) and 0 < active <= total
 
 
-# ---- causality (DESIGN §5): suffix perturbation on a whole GPT in eval mode, float64 ---------------
+# ---- causality: suffix perturbation on a whole GPT in eval mode, float64 ------------------------------
 
 def gpt(variant: str, seed: int = 0, **moe_kw) -> GPT:
     torch.manual_seed(seed)
@@ -182,7 +182,7 @@ def test_causal_variants_do_not_leak_the_future(variant):
 
 @pytest.mark.parametrize("variant", NON_CAUSAL)
 def test_non_causal_variants_leak_documented(variant):
-    """expert-choice and soft are kept although not causal (DESIGN §5); this pins down that they leak."""
+    """expert-choice and soft are kept although not causal (docs/architecture.md): this pins down that they leak."""
     model = gpt(variant)
     assert max(prefix_change(model, batch=3, t=t) for t in (2, 8)) > 1e-6
 

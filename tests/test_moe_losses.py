@@ -1,4 +1,4 @@
-"""Router losses (DESIGN §4): balance, z, sequence-wise balance, against hand computations."""
+"""Router losses (docs/architecture.md): balance, z, sequence-wise balance, against hand computations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Causality audit of a trained model (DESIGN §5): does position t see tokens after t?
+"""Causality audit of a trained model (docs/architecture.md, "Causality"): does position t see tokens after t?
 
 Two probes, both in eval mode and without touching the weights:
 

@@ -106,7 +106,7 @@ def _grouped_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank) -> Tens
     offs = torch.cumsum(torch.tensor(counts, device=xs_MC.device), 0).to(torch.int32)
     dtype = torch.get_autocast_dtype(xs_MC.device.type) if torch.is_autocast_enabled(xs_MC.device.type) \
         else xs_MC.dtype
-    # autocast does not cast grouped_mm's inputs (PERF-NOTES), so cast by hand.
+    # autocast does not cast grouped_mm's inputs (torch 2.13), so cast by hand.
     h = activate(grouped_mm(xs_MC.to(dtype), bank.w_in.to(dtype), offs=offs), bank.activation)
     return h if bank.w_out is None else grouped_mm(h.contiguous(), bank.w_out.to(dtype), offs=offs)
 

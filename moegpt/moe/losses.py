@@ -1,4 +1,4 @@
-"""Router losses as pure functions (see DESIGN §4). All computed in fp32 over real tokens only.
+"""Router losses as pure functions (docs/architecture.md, "Router losses"). All computed in fp32 over real tokens only.
 
 Legend: N tokens, E experts, K choices per token; mask_N is True for real (non-ignored) tokens.
 """
