@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -44,6 +45,12 @@ def short(n: float) -> str:
     return f"{n:.3g}"
 
 
+def seconds(value: float) -> str:
+    if value < 10:
+        return f"{value:.2f}s"
+    return f"{value:.0f}s" if value < 1000 else f"{value / 60:.0f}min"
+
+
 def _variant(row: dict[str, Any]) -> str:
     if row["n_expert"] is None:
         return row["variant"]
@@ -54,39 +61,52 @@ def _equal_headers(board: dict[str, Any]) -> tuple[str, str]:
     if len(board["groups"]) == 1:
         group = board["groups"][0]
         step = "-" if group["equal_step"] is None else f"{group['equal_step']:,}"
-        seconds = "-" if group["equal_train_s"] is None else f"{group['equal_train_s']:.1f}s"
-        return f"val @\nstep {step}", f"val @\n{seconds}"
+        at_time = "-" if group["equal_train_s"] is None else seconds(group["equal_train_s"])
+        return f"val @\nstep {step}", f"val @\n{at_time}"
     return "val @\neq. steps", "val @\neq. time"
 
 
-def leaderboard_table(board: dict[str, Any]) -> Table:
+WIDE_ONLY = ("params\nact/tot", "tokens", "drop", "wall")  # left out below 100 columns (json/csv have all)
+
+
+def leaderboard_table(board: dict[str, Any], width: int = 100) -> Table:
     at_steps, at_time = _equal_headers(board)
     sort_column = SORT_KEYS[board["sort"]][0]
     several_groups = len(board["groups"]) > 1
     table = Table(title=f"moegpt compare: {len(board['rows'])} runs, ranked by {board['sort']}", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), header_style="bold")
-    # (header, the row column it shows when it can be the sort column)
-    columns = [("#", None), ("run", None), ("variant\nE/k", None), ("params\nact/tot", None),
-               ("steps", None), ("tokens", None), ("best\nval", "best_val_ce"), ("final\nval", "final_val_ce"),
-               (at_steps, "val_ce_at_equal_steps"), (at_time, "val_ce_at_equal_time"), ("tok/s", "tokens_per_s"),
-               ("max/mean\nload", None), ("drop", None), ("wall", "wall_s")]
+    # (header, the row column it can sort by, cell text of a row)
+    columns: list[tuple[str, str | None, Any]] = [
+        ("#", None, lambda r: "-" if r["rank"] is None else f"{r['rank']}{'=' if r['tied'] else ''}"),
+        ("run", None, lambda r: r["run"]), ("variant\nE/k", None, _variant),
+        ("params\nact/tot", None, lambda r: f"{short(r['params_active'])}/{short(r['params_total'])}"),
+        ("steps", None, lambda r: f"{r['steps']:,}"),
+        ("tokens", None, lambda r: "-" if r["tokens"] is None else short(r["tokens"])),
+        ("best\nval", "best_val_ce", lambda r: _cell(r, "best_val_ce")),
+        ("final\nval", "final_val_ce", lambda r: _cell(r, "final_val_ce")),
+        (at_steps, "val_ce_at_equal_steps", lambda r: _cell(r, "val_ce_at_equal_steps")),
+        (at_time, "val_ce_at_equal_time", lambda r: _cell(r, "val_ce_at_equal_time")),
+        ("tok/s", "tokens_per_s", lambda r: _cell(r, "tokens_per_s", _maybe(short, r["tokens_per_s"]))),
+        ("max/\nmean", None, lambda r: _cell(r, "max_mean_load")),
+        ("drop", None, lambda r: _cell(r, "drop_frac")),
+        ("wall", "wall_s", lambda r: _cell(r, "wall_s", _maybe(seconds, r["wall_s"]))),
+    ]
+    if width < 100:
+        columns = [c for c in columns if c[0] not in WIDE_ONLY]
     if several_groups:
-        columns.insert(0, ("data", None))
-    for header, column in columns:
+        columns.insert(0, ("data", None, lambda r: r["group"]))
+    for header, column, _ in columns:
         left = header in ("run", "variant\nE/k", "data")
+        # only the variant may wrap: numbers cut short would mislead
         table.add_column(f"{header}*" if column == sort_column else header, justify="left" if left else "right",
-                         no_wrap=header == "run")
+                         no_wrap=not header.startswith("variant"))
     for row in board["rows"]:
-        rank = "-" if row["rank"] is None else f"{row['rank']}{'=' if row['tied'] else ''}"
-        cells = [rank, row["run"], _variant(row), f"{short(row['params_active'])}/{short(row['params_total'])}",
-                 f"{row['steps']:,}", "-" if row["tokens"] is None else short(row["tokens"]),
-                 _cell(row, "best_val_ce"), _cell(row, "final_val_ce"), _cell(row, "val_ce_at_equal_steps"),
-                 _cell(row, "val_ce_at_equal_time"),
-                 _cell(row, "tokens_per_s", None if row["tokens_per_s"] is None else short(row["tokens_per_s"])),
-                 _cell(row, "max_mean_load"), _cell(row, "drop_frac"),
-                 _cell(row, "wall_s", None if row["wall_s"] is None else f"{row['wall_s']:.1f}s")]
-        table.add_row(*([row["group"]] if several_groups else []), *cells)
+        table.add_row(*(text(row) for _, _, text in columns))
     return table
+
+
+def _maybe(fmt: Any, value: float | None) -> str | None:
+    return None if value is None else fmt(value)
 
 
 def render_notes(console: Console, board: dict[str, Any]) -> None:
@@ -149,7 +169,8 @@ def compare_command(
     for message in warnings:
         warn(message)
     if not found:
-        raise MoegptError("no runs to compare" + (f" under {runs_root}/" if not runs else ""))
+        where = "" if runs else f" under {runs_root}/" + ("" if Path(runs_root).is_dir() else " (no such folder)")
+        raise MoegptError("no runs to compare" + where)
     board = leaderboard(found, sort)
     if format_ == "json":
         sys.stdout.write(json.dumps(board, indent=2) + "\n")
@@ -157,7 +178,7 @@ def compare_command(
         write_csv(board)
     else:
         console = Console()
-        console.print(leaderboard_table(board))
+        console.print(leaderboard_table(board, console.width))
         render_notes(console, board)
         if curves:
             render_sparklines(console, found, "steps" if x == "all" else x)

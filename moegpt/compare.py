@@ -97,6 +97,9 @@ def leaderboard_row(run: RunRecord, equal_step: int | None, equal_train_s: float
     }
     if run.has_train_s and equal_train_s is not None:
         row["val_ce_at_equal_time"] = interpolate(*val_curve(run, "train_s"), equal_train_s)
+        if row["val_ce_at_equal_time"] is None and run.evals:
+            row["notes"].append(f"first evaluated after {run.evals[0]['train_s']:.3g} s of training: "
+                                "nothing to interpolate at equal time")
     elif not run.has_train_s:
         row["notes"].append("no train_s in its metrics (trained before moegpt recorded it): equal-time unavailable")
     if not vals:

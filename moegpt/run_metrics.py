@@ -170,7 +170,7 @@ def expand_run_args(args: list[str], runs_root: str | Path) -> tuple[list[Path],
     if not args:
         root = Path(runs_root)
         if not root.is_dir():
-            return [], [f"{root} does not exist"]
+            return [], warnings
         return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), warnings
     found: list[Path] = []
     for arg in args:
