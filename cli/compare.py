@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moegpt.cli.app import app
@@ -78,7 +79,7 @@ def leaderboard_table(board: dict[str, Any], width: int = 100) -> Table:
     # (header, the row column it can sort by, cell text of a row)
     columns: list[tuple[str, str | None, Any]] = [
         ("#", None, lambda r: "-" if r["rank"] is None else f"{r['rank']}{'=' if r['tied'] else ''}"),
-        ("run", None, lambda r: r["run"]), ("variant\nE/k", None, _variant),
+        ("run", None, lambda r: escape(r["run"])), ("variant\nE/k", None, _variant),
         ("params\nact/tot", None, lambda r: f"{short(r['params_active'])}/{short(r['params_total'])}"),
         ("steps", None, lambda r: f"{r['steps']:,}"),
         ("tokens", None, lambda r: "-" if r["tokens"] is None else short(r["tokens"])),
@@ -116,13 +117,14 @@ def render_notes(console: Console, board: dict[str, Any]) -> None:
                       "group is ranked on its own:", highlight=False)
         for group in board["groups"]:
             where = f"equal step {group['equal_step']}" if group["equal_step"] is not None else "no evaluation"
-            console.print(f"  {group['id']}: {group['data']}, {group['runs']} run(s), {where}", highlight=False)
+            console.print(f"  {group['id']}: {group['data']}, {group['runs']} run(s), {where}", markup=False,
+                          highlight=False)
     ties = [row["run"] for row in board["rows"] if row["tied"]]
     if ties:
-        console.print(f"[yellow]tied[/] (equal at the precision shown): {', '.join(ties)}", highlight=False)
+        console.print(f"[yellow]tied[/] (equal at the precision shown): {escape(', '.join(ties))}", highlight=False)
     for row in board["rows"]:
         for note in row["notes"]:
-            console.print(f"  {row['run']}: {note}", highlight=False)
+            console.print(f"  {row['run']}: {note}", markup=False, highlight=False)
     console.print("val CE interpolated linearly between evaluations; equal time = training seconds without "
                   "evaluation and checkpoints; * = sort column; bold green = best of its column", style="dim",
                   highlight=False)

@@ -85,7 +85,7 @@ def render_sparklines(console: Console, runs: list[RunRecord], axis: str, width:
             xs, ys = data[run.name][kind]
             cells.append(blocks(resample(xs, ys, x_max, width), *scales[kind]) if xs
                          else f"{'-' if axis != 'time' or run.has_train_s else 'no train_s':<{width}}")
-        console.print(" ".join(cells), highlight=False)
+        console.print(" ".join(cells), markup=False, highlight=False)
 
 
 def png_size_px(n_moe_runs: int) -> tuple[int, int]:

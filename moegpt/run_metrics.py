@@ -134,7 +134,8 @@ def data_identity(run_dir: Path, cfg: RunConfig) -> DataIdentity:
     tokenizer = meta.get("tokenizer")
     tokenizer_id = (f"{tokenizer.get('kind')}:{str(tokenizer.get('sha256', ''))[:12]}"
                     if isinstance(tokenizer, dict) else None)
-    source = ref.get("fingerprint") or (meta.get("source") or {}).get("sha256")
+    source_meta = meta.get("source")
+    source = ref.get("fingerprint") or (source_meta.get("sha256") if isinstance(source_meta, dict) else None)
     return DataIdentity(name=str(ref.get("name") or cfg.data.name), source_sha256=source or None,
                         tokenizer=tokenizer_id, vocab_size=cfg.model.vocab_size)
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from cli_helpers import assert_one_line_error
-from compare_helpers import three_runs
+from compare_helpers import eval_record, log_record, three_runs, write_data_meta, write_run
 from typer.testing import CliRunner
 
 from moegpt.cli.compare_charts import png_size_px
@@ -127,3 +127,16 @@ def test_compare_real_tiny_runs(tiny_data, tmp_path):
         lines = (runs / name / "metrics.jsonl").read_text().splitlines()
         first_eval_s = next(r["train_s"] for r in map(json.loads, lines) if "val_ce" in r)
         assert (row["val_ce_at_equal_time"] is None) == (first_eval_s > equal_s)
+
+
+def test_table_flags_incomparable_runs_and_prints_names_literally(tmp_path, monkeypatch):
+    runs_root, _ = three_runs(tmp_path)
+    other = tmp_path / "other"
+    write_data_meta(other, tokenizer="u" * 64, kind="bpe")
+    write_run(runs_root, "[b]odd", "topk", [log_record(10, 9.0, 1.5), eval_record(10, 9.0, 1.0, 1.0)], other)
+    monkeypatch.setenv("COLUMNS", "100")
+    result = compare("--runs-root", str(runs_root), "--no-curves")
+    assert result.exit_code == 0, result.output
+    assert "incomparable:" in result.stdout and "  B: tiny (bpe, vocab 28, ssssssss), 1 run(s)" in result.stdout
+    odd = next(line for line in result.stdout.splitlines() if "[b]odd" in line)
+    assert odd.split()[:2] == ["B", "1"]  # ranked first, but only within its own group

@@ -180,3 +180,13 @@ def test_data_identity_comes_from_the_checkpoint_reference(tmp_path):
     run = read_run(runs_root / "topk")
     assert run.data.source_sha256 == "q" * 64 and run.data.tokenizer == "char:" + "t" * 12
     assert len(leaderboard(read_runs([], runs_root)[0])["groups"]) == 2  # its text differs from the others'
+
+
+def test_equal_time_before_a_runs_first_evaluation_is_empty_and_explained(tmp_path):
+    runs_root, data_root = three_runs(tmp_path)
+    write_run(runs_root, "late", "topk", [log_record(10, 5.0, 2.0), eval_record(10, 5.0, 1.5, 1.5)], data_root)
+    board = leaderboard(read_runs([], runs_root)[0])
+    row = rows_by_name(board)["late"]
+    assert board["groups"][0]["equal_step"] == 10 and row["val_ce_at_equal_steps"] == 1.5
+    assert board["groups"][0]["equal_train_s"] == 3.0 and row["val_ce_at_equal_time"] is None
+    assert any("first evaluated after 5 s" in note for note in row["notes"])
