@@ -140,7 +140,7 @@ def write_csv(board: dict[str, Any]) -> None:
 @app.command("compare")
 def compare_command(
     runs: Annotated[list[str] | None, typer.Argument(
-        metavar="[RUN]...", help="Run folders or globs (e.g. 'runs/*'); default: every run under --runs-root.",
+        metavar="RUN", help="Run folders or globs (e.g. 'runs/*'); default: every run under --runs-root.",
         show_default=False)] = None,
     sort: Annotated[str, typer.Option("--sort", help="Rank by: " + ", ".join(SORT_KEYS) + ". equal-steps = val CE "
                                                      "at the shortest run's last evaluated step.")] = "equal-steps",
@@ -153,11 +153,11 @@ def compare_command(
     curves: Annotated[bool, typer.Option("--curves/--no-curves", help="Sparklines under the table.")] = True,
     runs_root: Annotated[str, typer.Option("--runs-root", help="Where to look when no RUN is given.")] = "runs",
 ) -> None:
-    """Rank training runs by validation loss, at equal steps and equal training time, with cost and load.
+    """Rank runs by val CE, at equal steps and equal training time, with their cost and expert load.
 
-    Reads config.toml and metrics.jsonl (and a checkpoint's small metadata) of each run; never modifies
-    a run; a run still training is read up to its last complete line. Runs on different data or
-    tokenizers are ranked separately.
+    Reads each run's config.toml, metrics.jsonl and checkpoint metadata; never modifies a run.
+    A run still training is read up to its last complete line.
+    Runs on different data or tokenizers are ranked separately.
     """
     if sort not in SORT_KEYS:
         raise MoegptError(f"--sort must be one of {', '.join(SORT_KEYS)} (got {sort!r})")

@@ -61,22 +61,23 @@ def blocks(values: list[float | None], lo: float, hi: float) -> str:
                    for v in values)
 
 
-def render_sparklines(console: Console, runs: list[RunRecord], axis: str, width: int = 22) -> None:
+def render_sparklines(console: Console, runs: list[RunRecord], axis: str) -> None:
     """One line per run: val CE, train loss and the worst layer's max/mean load over a shared x axis,
-    each kind on one scale for all runs (so heights compare across runs)."""
+    each kind on one scale for all runs (so heights compare across runs), within 100 columns."""
     kinds = {"val_ce": "val CE", "loss_ce": "train loss", "max_mean_load": "max/mean load"}
     data = {run.name: {k: series(run, k, axis) for k in kinds} for run in runs}
     x_max = max((xs[-1] for per_run in data.values() for xs, _ in per_run.values() if xs), default=0.0)
     if x_max <= 0:
         return
     name_width = min(16, max(len(run.name) for run in runs))
+    width = max(8, min(26, (min(console.width, 100) - name_width) // len(kinds) - 1))
     header = [" " * name_width]
     scales = {}
     for kind, label in kinds.items():
         values = [y for per_run in data.values() for y in per_run[kind][1]]
         scales[kind] = (min(values), max(values)) if values else (0.0, 0.0)
         scale = f"{label} {scales[kind][0]:.2f}-{scales[kind][1]:.2f}" if values else f"{label} -"
-        header.append(f"{scale:<{width}}")
+        header.append(f"{scale[:width]:<{width}}")
     console.print(f"curves against {AXIS_LABELS[axis]} (0 to {x_max:,.4g}); lower is better:", highlight=False)
     console.print(" ".join(header), style="dim", highlight=False)
     for run in runs:
@@ -113,9 +114,11 @@ def write_compare_png(runs: list[RunRecord], path: str | Path, x: str = "all") -
     for i, axis in enumerate(axes):
         ax = fig.add_subplot(grid[0, i] if len(axes) > 1 else grid[0, :])
         _plot_losses(ax, runs, axis, colors, legend=i == 0)
+    top_load = max((y for run in moe_runs for y in series(run, "max_mean_load", "steps")[1]), default=2.0)
     for i, run in enumerate(moe_runs):
         ax = fig.add_subplot(grid[1 + i // LOAD_PANELS_PER_ROW, i % LOAD_PANELS_PER_ROW])
         _plot_layer_loads(ax, run, "steps" if x == "all" else x, matplotlib.colormaps["viridis"])
+        ax.set_ylim(0.9, max(2.0, top_load * 1.05))  # one scale for all runs: loads compare across panels
     fig.tight_layout()
     out = Path(path)
     try:

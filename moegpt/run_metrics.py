@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from moegpt.checkpoint import resolve_checkpoint
 from moegpt.checkpoint_peek import peek_checkpoint
@@ -109,9 +110,28 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return logs, evals, skipped, bool(tail.strip())
 
 
+# Weight initialisers (torch.nn.init functions and the Tensor methods they call): they only fill values
+INITIALISERS = {"normal_", "uniform_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                "sparse_", "fill_", "zero_", "random_", "exponential_", "bernoulli_"}
+
+
+class _SkipInitialisers(TorchFunctionMode):
+    """Makes weight initialisers no-ops on meta tensors: there are no values to fill, and torch runs an
+    initialiser on a meta tensor through torch._refs, whose first use imports torch._dynamo (seconds)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in INITIALISERS:
+            target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if target is not None and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def params_from_config(cfg: RunConfig) -> dict[str, int]:
-    """GPT.num_params() of the config's model, built on the meta device (no memory, instant)."""
-    with torch.device("meta"):
+    """GPT.num_params() of the config's model, built on the meta device (no memory, milliseconds)."""
+    with torch.device("meta"), _SkipInitialisers():
         model = GPT(cfg.model, cfg.moe)
     return model.num_params()
 

@@ -16,7 +16,9 @@ from moegpt.checkpoint_peek import peek_checkpoint
 from moegpt.compare import interpolate, leaderboard
 from moegpt.config import RunConfig
 from moegpt.model import GPT
-from moegpt.run_metrics import read_metrics, read_run, read_runs
+from moegpt.moe import VARIANTS
+from moegpt.presets import resolve_config
+from moegpt.run_metrics import params_from_config, read_metrics, read_run, read_runs
 
 
 def rows_by_name(board):
@@ -70,6 +72,12 @@ def test_params_come_from_the_config_without_weights(tmp_path):
     for run in read_runs([], runs_root)[0]:
         cfg = RunConfig.load(run.path / "config.toml")
         assert run.params == GPT(cfg.model, cfg.moe).num_params()  # meta device agrees with a real build
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_meta_device_counts_match_a_real_build(variant):
+    cfg = resolve_config("tiny", sets=[f"moe.variant={variant}"])
+    assert params_from_config(cfg) == GPT(cfg.model, cfg.moe).num_params()
 
 
 def test_sort_keys_and_ties(tmp_path):
