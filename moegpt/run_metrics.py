@@ -64,10 +64,11 @@ class RunRecord:
     evals: list[dict[str, Any]] = field(default_factory=list)  # evaluation records, step order
     skipped_lines: int = 0  # complete lines that were not metrics records
     torn_tail: bool = False  # the file ended inside a record (still being written, or killed)
+    label: str = ""  # how to name it when listed with others: the folder name, or its path if that repeats
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     @property
     def has_train_s(self) -> bool:
@@ -212,4 +213,8 @@ def read_runs(args: list[str], runs_root: str | Path = "runs") -> tuple[list[Run
             runs.append(read_run(path))
         except NotARunError as err:
             warnings.append(f"{err}; skipped")
+    folder_names = [run.path.name for run in runs]
+    for run in runs:
+        if folder_names.count(run.path.name) > 1:  # e.g. runs/topk and old-runs/topk
+            run.label = str(run.path)
     return runs, warnings

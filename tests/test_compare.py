@@ -198,3 +198,10 @@ def test_equal_time_before_a_runs_first_evaluation_is_empty_and_explained(tmp_pa
     assert board["groups"][0]["equal_step"] == 10 and row["val_ce_at_equal_steps"] == 1.5
     assert board["groups"][0]["equal_train_s"] == 3.0 and row["val_ce_at_equal_time"] is None
     assert any("first evaluated after 5 s" in note for note in row["notes"])
+
+
+def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):
+    runs_root, _ = three_runs(tmp_path / "a")
+    other_root, _ = three_runs(tmp_path / "b")
+    found, _ = read_runs([str(runs_root / "topk"), str(other_root / "topk"), str(runs_root / "dense")])
+    assert [run.name for run in found] == [str(runs_root / "topk"), str(other_root / "topk"), "dense"]
