@@ -84,11 +84,12 @@ def _end_of_training(run: RunRecord) -> dict[str, Any]:
 def leaderboard_row(run: RunRecord, equal_step: int | None, equal_train_s: float | None) -> dict[str, Any]:
     """Every column of one run's row (None = not available); notes say why a value is missing."""
     moe, last = run.config.moe, run.last
+    routed = any(moe.is_moe_layer(i) for i in range(run.config.model.n_layer))
     steps, vals = val_curve(run, "step")
     row: dict[str, Any] = {
         "run": run.name, "path": str(run.path), "variant": moe.variant,
-        "n_expert": None if moe.variant == "dense" else moe.n_expert,
-        "experts_per_token": None if moe.variant == "dense" else moe.active_experts_per_token(),
+        "n_expert": moe.n_expert if routed else None,
+        "experts_per_token": moe.active_experts_per_token() if routed else None,
         "params_active": run.params["active"], "params_total": run.params["total"],
         "steps": int(last["step"]), "tokens": int(last["tokens"]) if "tokens" in last else None,
         "best_val_ce": min(vals) if vals else None, "final_val_ce": vals[-1] if vals else None,
