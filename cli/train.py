@@ -7,15 +7,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
+from moegpt.cli.load_view import MAX_WIDTH, LoadProgress
 from moegpt.cli.params import human
 from moegpt.errors import MoegptError, TrainingInterrupted
 from moegpt.moe import is_causal_variant
 from moegpt.presets import resolve_config
+from moegpt.tensorboard_log import TensorBoardLogger, tensorboard_available
 from moegpt.train import Trainer
 
 Resume = Annotated[str | None, typer.Option(
@@ -27,12 +29,14 @@ Resume = Annotated[str | None, typer.Option(
 class TrainRenderer:
     """Turns trainer events into a live progress bar (terminal) or plain log lines (pipes, CI)."""
 
-    def __init__(self, console: Console, max_iters: int):
+    def __init__(self, console: Console, max_iters: int, show_load: bool | None = None):
         self.console, self.max_iters = console, max_iters
         if not console.is_terminal:
             console.soft_wrap = True  # log lines stay whole in files and pipes
         self.interactive = console.is_terminal
-        self.progress: Progress | None = None
+        # per-layer load bars under the progress bar: asked for, or by default in a wide terminal
+        self.show_load = self.interactive and (console.width >= MAX_WIDTH if show_load is None else show_load)
+        self.progress: LoadProgress | None = None
         self.task = None
         self.last_val: float | None = None
 
@@ -63,9 +67,10 @@ class TrainRenderer:
         if p["resumed_from"]:
             self.console.print(f"resumed from {p['resumed_from']} at step {p['start_step']}")
         if self.interactive:
-            self.progress = Progress(
+            self.progress = LoadProgress(
                 TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
+                n_expert=e["n_expert"])
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.max_iters, completed=p["start_step"], info="")
 
@@ -75,6 +80,8 @@ class TrainRenderer:
                 + (f" val {self.last_val:.3f}" if self.last_val is not None else ""))
         if self.progress is not None:
             self.progress.update(self.task, completed=p["step"], info=info)
+            if self.show_load:
+                self.progress.show_layers(p["layers"])
         else:
             loads = " ".join(f"{layer['max_mean_load']:.2f}" for layer in p["layers"])
             self.console.print(f"step {p['step']:>6}/{self.max_iters} | {info}"
@@ -140,6 +147,13 @@ def train_command(
                                                                       "and losses stay fp32).")] = None,
     compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     resume: Resume = None,
+    show_load: Annotated[bool | None, typer.Option(
+        "--show-load/--no-show-load", show_default=False,
+        help="Per-layer max/mean expert load bars under the progress bar, updated at log steps (default: on "
+             "in a terminal of 100+ columns; never when output is not a terminal).")] = None,
+    log: Annotated[str | None, typer.Option(
+        "--log", metavar="tensorboard", help="Also log to TensorBoard under runs/NAME/tensorboard/ (needs the "
+                                             "\\[tb] extra); metrics.jsonl is written either way.")] = None,
 ) -> None:
     """Train a model and write runs/NAME/ (config.toml, metrics.jsonl, ckpt/).
 
@@ -157,14 +171,24 @@ def train_command(
                   "train.device": device, "train.precision": precision, "train.compile": compile_})
     if resume not in (None, "yes", "auto"):
         raise MoegptError(f"--resume takes no value or 'auto' (got {resume!r})")
+    if log not in (None, "tensorboard"):
+        raise MoegptError(f"--log supports only tensorboard (got {log!r})")
+    if log and not tensorboard_available():
+        raise MoegptError("--log tensorboard needs the tensorboard package: pip install 'moegpt[tb]'")
     cfg = resolve_config(preset, config, flags, set_)
     console = Console()
     if not is_causal_variant(cfg.moe.variant):
         console.print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later tokens of the "
                       "batch, so its training loss is optimistic and generation differs from training")
-    renderer = TrainRenderer(console, cfg.train.max_iters)
+    renderer = TrainRenderer(console, cfg.train.max_iters, show_load)
+    callbacks = [renderer] + ([TensorBoardLogger()] if log else [])
+
+    def on_event(kind: str, payload: dict[str, Any]) -> None:
+        for callback in callbacks:
+            callback(kind, payload)
+
     try:
-        Trainer(cfg, resume=resume or "no", on_event=renderer).run()
+        Trainer(cfg, resume=resume or "no", on_event=on_event).run()
     except TrainingInterrupted as stop:
         renderer.stop()
         where = f"checkpoint saved: {stop.checkpoint}; " if stop.checkpoint else ""
@@ -173,3 +197,5 @@ def train_command(
         raise typer.Exit(128 + stop.signum) from None
     finally:
         renderer.stop()
+        for callback in callbacks[1:]:
+            callback.close()

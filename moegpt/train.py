@@ -177,6 +177,7 @@ class Trainer:
         model = GPT(cfg.model, cfg.moe).to(self.device)
         optimizer = build_optimizer(model, self.cfg.train, self.device)
         step, tokens_seen, best_val, resumed_from = 0, 0, math.inf, None
+        train_s = wall_s = 0.0  # cumulative: training only (no evaluation, no checkpoints) / everything
 
         # newest step file, damaged or not: a corrupt newest checkpoint must be reported, not skipped
         latest = manager.all()[-1] if manager.all() else None
@@ -191,6 +192,7 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             step, tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
             best_val = float(state["best_val"])
+            train_s, wall_s = (float(state.get("timing", {}).get(key, 0.0)) for key in ("train_s", "wall_s"))
             if self.restore_rng:
                 torch.set_rng_state(state["rng"]["torch"])
                 if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -225,6 +227,7 @@ class Trainer:
                     "data_state": {"step": step, "seed": t.seed, "tokens_seen": tokens_seen,
                                    "world_size": self.dist.world_size},
                     "rng": rng, "config": cfg.to_dict(), "best_val": best_val,
+                    "timing": {"train_s": train_s, "wall_s": wall_s + time.perf_counter() - wall_start},
                     "data_ref": {"data_dir": str(data_dir.resolve()), "name": cfg.data.name,
                                  "fingerprint": ds.fingerprint},
                     "moegpt_version": __version__}
@@ -242,6 +245,7 @@ class Trainer:
         window_tokens, last_val, start_step = 0, None, step
         model.train()
         while step < t.max_iters:
+            step_start = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -270,6 +274,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             raw_model.after_optimizer_step(dist.all_reduce if self.dist.enabled else _no_reduce)
             step += 1
+            train_s += time.perf_counter() - step_start
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
 
@@ -277,6 +282,7 @@ class Trainer:
                 now = time.perf_counter()
                 record = _log_record(step, tokens_seen, lr, out, aux, grad_norm,
                                      window_tokens / max(now - window_start, 1e-9), raw_model.moe_layers)
+                record.update(train_s=round(train_s, 3), wall_s=round(wall_s + now - wall_start, 3))
                 window_start, window_tokens = now, 0
                 self._write_metrics(metrics_path, record)
                 self.emit("log", **record)
@@ -286,7 +292,8 @@ class Trainer:
                 improved = last_val < best_val
                 best_val = min(best_val, last_val)
                 record = {"step": step, "tokens": tokens_seen, "val_ce": round(last_val, 5),
-                          "best_val_ce": round(best_val, 5)}
+                          "best_val_ce": round(best_val, 5), "train_s": round(train_s, 3),
+                          "wall_s": round(wall_s + time.perf_counter() - wall_start, 3)}
                 self._write_metrics(metrics_path, record)
                 self.emit("eval", **record)
             if step % t.ckpt_interval == 0 or step == t.max_iters or improved:
