@@ -32,6 +32,7 @@ from moegpt.data import TokenDataset, ensure_prepared
 from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
 from moegpt.model import GPT, aux_losses
 from moegpt.routing_stats import layer_summary
+from moegpt.runlock import RunLock
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
 
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -116,6 +117,7 @@ class Trainer:
         self.device = device_for_rank(self.dist, cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self._signal: int | None = None
+        self._run_lock: RunLock | None = None
 
     def emit(self, kind: str, **payload: Any) -> None:
         if self.dist.is_main:
@@ -139,6 +141,16 @@ class Trainer:
         self.cfg.model.vocab_size = ds.vocab_size  # the data decides the vocabulary
         return ds
 
+    def _locked_run_dir(self) -> Path:
+        """The run folder, locked by rank 0 before anything in it is read or touched."""
+        t = self.cfg.train
+        if self.dist.is_main and t.name:
+            self._run_lock = RunLock.acquire(Path(t.runs_root) / t.name)
+        run_dir = resolve_run_dir(self.cfg, self.resume)
+        if self.dist.is_main and self._run_lock is None:
+            self._run_lock = RunLock.acquire(run_dir)
+        return run_dir
+
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         with self._signal_handlers():
@@ -148,6 +160,9 @@ class Trainer:
                 with contextlib.suppress(Exception):  # the original error is the one to report
                     self._leave_process_group(clean=False)
                 raise
+            finally:
+                if self._run_lock is not None:
+                    self._run_lock.release()
             self._leave_process_group(clean=True)
             return summary
 
@@ -170,7 +185,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         ds = self._load_data()
         data_dir = Path(cfg.data.data_root) / cfg.data.name
-        run_dir = resolve_run_dir(cfg, self.resume)
+        run_dir = self._locked_run_dir()
         cfg.train.name = run_dir.name
         manager = CheckpointManager(run_dir, keep=t.keep_ckpts)
         torch.manual_seed(t.seed)
