@@ -11,8 +11,10 @@ from typer import core as typer_core
 from typer.core import TyperGroup
 
 from moegpt.errors import MoegptError
+from moegpt.safe_io import describe, is_write_failure
 
 USAGE_ERROR_EXIT = 2
+RUNTIME_FAILURE_EXIT = 1
 
 # Typer >= 0.29 vendors click as typer._click; older releases use the click package.
 click = getattr(typer_core, "_click", None) or __import__("click")
@@ -60,6 +62,10 @@ class MoegptGroup(TyperGroup):
             if not standalone_mode:
                 raise
             fail(str(err), err.exit_code)
+        except OSError as err:  # a full disk, EIO or EACCES on a write path not wrapped more precisely
+            if standalone_mode and is_write_failure(err):
+                fail(f"cannot write: {describe(err)}", RUNTIME_FAILURE_EXIT)
+            raise
         except typer.Abort:
             if not standalone_mode:
                 raise

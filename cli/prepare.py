@@ -31,6 +31,7 @@ from moegpt.prepare import (
     PrepareResult,
     prepare_dataset,
 )
+from moegpt.safe_io import write_failures_as_errors
 
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                  "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -155,7 +156,8 @@ def prepare_command(
     columns = (SpinnerColumn(finished_text="✓"), TextColumn("{task.description:<18}"), BarColumn(),
                ByteStageColumn(DownloadColumn()), ByteStageColumn(TransferSpeedColumn()), TimeElapsedColumn())
     # Bars only on a terminal: redirected output (scripts, CI) gets the summary and nothing else.
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
+    with (write_failures_as_errors(f"cannot prepare data under {data_root}", "nothing was installed or replaced"),
+          Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars):
         result = prepare_dataset(source=source, name=name, data_root=data_root, tokenizer=tokenizer,
                                  vocab_size=DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size,
                                  val_fraction=val_fraction,

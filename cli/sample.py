@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
-from moegpt.errors import MoegptError
+from moegpt.errors import MoegptError, WriteFailed
 from moegpt.generate import (
     LayerRouting,
     Utf8StreamDecoder,
@@ -284,4 +284,4 @@ def write_routing_json(path: Path, loaded: LoadedRun, use_cache: bool, seed: int
     try:
         path.write_text(json.dumps(doc) + "\n")
     except OSError as err:
-        raise MoegptError(f"cannot write --routing-json {path}: {err.strerror or err}") from None
+        raise WriteFailed(f"cannot write --routing-json {path}: {err.strerror or err}") from None

@@ -16,6 +16,7 @@ import tomli_w
 import tomllib
 
 from moegpt.errors import MoegptError
+from moegpt.safe_io import write_text_atomic
 
 ACTIVATIONS = ("swiglu", "gelu", "relu", "linear")
 DISPATCH_BACKENDS = ("sorted", "loop", "padded", "grouped", "bucketed")
@@ -241,7 +242,7 @@ class RunConfig:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
+        write_text_atomic(path, self.to_toml())
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

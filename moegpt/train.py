@@ -34,6 +34,7 @@ from moegpt.model import GPT, aux_losses
 from moegpt.routing_stats import layer_summary
 from moegpt.runlock import RunLock
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
+from moegpt.safe_io import append_line, read_jsonl, write_text_atomic
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -341,8 +342,7 @@ class Trainer:
 
     def _write_metrics(self, path: Path, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(path, json.dumps(record))
 
     def _ranks_in_sync(self, model: GPT) -> bool:
         if not self.dist.enabled:
@@ -397,12 +397,12 @@ def _has_checkpoints(run_dir: Path) -> bool:
 
 
 def _truncate_metrics(path: Path, keep_through_step: int) -> None:
-    """Drop records after the resume step (a run killed after its last checkpoint logged more)."""
+    """Drop records after the resume step (a run killed after its last checkpoint logged more), and a
+    last line torn by a kill or a full disk."""
     if not path.exists():
         return
     if keep_through_step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= keep_through_step]
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
