@@ -17,6 +17,7 @@ from rich.text import Text
 
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
 from moegpt.errors import MoegptError, WriteFailed
+from moegpt.finite import naming_checkpoint
 from moegpt.generate import (
     LayerRouting,
     Utf8StreamDecoder,
@@ -256,7 +257,7 @@ def sample_command(
             (out.print if out else print)("---------------")
         writer = SampleWriter(out, tok, layer, stream, show_prompt=bool(text))
         ids, parts, t0 = [], [], time.perf_counter()
-        with autocast(dev, prec):
+        with autocast(dev, prec), naming_checkpoint(loaded.checkpoint, loaded.state.get("step")):
             for step in generate_steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator,
                                        use_cache, context_keep, capture_routing=capture):
                 step_ids = step.tokens_BT[0].tolist()

@@ -19,6 +19,12 @@ class WriteFailed(MoegptError):
     exit_code = 1
 
 
+class NonFiniteOutput(MoegptError):
+    """A model produced NaN or infinite values (finite weights can still overflow); exit 1."""
+
+    exit_code = 1
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. The CLI exits 128 + signal number."""
 

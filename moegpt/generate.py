@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from moegpt.finite import check_logits
 from moegpt.moe.stats import generating
 
 if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here would be a cycle
@@ -256,6 +257,7 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
             yield GenerationStep(seq_BL[:, L - 1:L], _capture(out.router_stats, B, 1), False)
         if L == seq_BL.shape[1]:
             break
+        check_logits(out.logits[:, -1, :], f"at generated token {L - T0 + 1}")
         seq_BL[:, L] = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
         L += 1
         if not capture:

@@ -18,6 +18,7 @@ from moegpt.causality import probe_causality
 from moegpt.checkpoint import checkpoint_hash
 from moegpt.data import TokenDataset
 from moegpt.errors import MoegptError
+from moegpt.finite import check_evaluation
 from moegpt.moe import is_causal_variant
 from moegpt.routing_history import training_history
 from moegpt.routing_report import build_layer_reports, collect_routing, route_text
@@ -113,6 +114,7 @@ def run_report(run: LoadedRun, path: str | Path, opts: InspectOptions, decode: b
     block = run.config.model.block_size
     batch = opts.batch_size or run.config.train.batch_size
     collected = collect_routing(run.model, ids, batch, block)
+    check_evaluation(collected.ce, run.model, ids, run.checkpoint, run.state.get("step"))
     tok = run.tokenizer() if decode and run.model.moe_layers else None
     layers = build_layer_reports(collected.accumulator, run.config.moe.variant, opts.dead_threshold,
                                  decode=(lambda i: tok.decode([i])) if tok else None, top_tokens=opts.top_tokens,
