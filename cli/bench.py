@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from moegpt.bench import LayerCase, bench_layer, bench_model, bench_quality, machine_info
 from moegpt.cli.app import app
+from moegpt.cli.options import VARIANTS
 from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
-from moegpt.moe import VARIANTS
 from moegpt.presets import resolve_config
-from moegpt.runtime import resolve_device
+
+if TYPE_CHECKING:
+    import torch
 
 bench_app = typer.Typer(help="Benchmarks measured on this machine: MoE layer vs dense, model training throughput, "
                              "KV-cache generation, equal-steps quality.", no_args_is_help=True)
@@ -85,6 +85,9 @@ def bench_layer_command(
     interleaved), GF/s, fraction of the matmul peak measured in the same run, and the activation memory
     autograd keeps for backward relative to dense.
     """
+    from moegpt.bench import LayerCase, bench_layer
+    from moegpt.runtime import resolve_device
+
     check_format(fmt)
     pairs = []
     for item in grid.split(","):
@@ -108,6 +111,8 @@ def bench_layer_command(
 
 def _training_tokens(preset_data: Path, limit: int = 2_000_000) -> torch.Tensor | None:
     """Real tokens of the built-in corpus when it is prepared (same data for every model), else None."""
+    import torch
+
     from moegpt.data import TokenDataset
 
     if not (preset_data / "meta.json").exists():
@@ -132,6 +137,9 @@ def bench_model_command(
 
     Models step in turn on the same batches; ratio_to_first is the median over rounds of the first model's
     step time over this model's (with --precision both: the ratio of the medians)."""
+    from moegpt.bench import bench_model
+    from moegpt.runtime import resolve_device
+
     check_format(fmt)
     names = name_list(variants, list(VARIANTS), "variant")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
@@ -175,8 +183,12 @@ def bench_sample_command(
     Modes, alternated round by round: kv-cache; recompute (the same window, so the same tokens);
     recompute-crop (nanoGPT's way: always the last block_size tokens, a longer window past block_size).
     `speedup` is kv-cache over recompute: the median over rounds of the ratio within a round."""
+    import torch
+
+    from moegpt.bench import machine_info
     from moegpt.generate import benchmark_generation
     from moegpt.model import GPT
+    from moegpt.runtime import resolve_device
 
     check_format(fmt)
     cfg = resolve_config(preset, sets=[f"moe.variant={moe}"])
@@ -205,6 +217,8 @@ def bench_quality_command(
     fmt: Format = "table",
 ) -> None:
     """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
+    from moegpt.bench import bench_quality
+
     check_format(fmt)
     names = name_list(variants, list(VARIANTS), "variant")
     cfg = resolve_config(preset, sets=sets)

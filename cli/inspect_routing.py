@@ -11,7 +11,6 @@ from rich.console import Console
 from moegpt.cli.app import app
 from moegpt.cli.routing_views import render_report
 from moegpt.errors import MoegptError
-from moegpt.routing_inspect import DEFAULT_TOKENS, InspectOptions, inspect_routing
 from moegpt.routing_plot import require_matplotlib, write_heatmap_png
 from moegpt.routing_schema import SCHEMA_VERSION, report_to_json
 
@@ -21,7 +20,7 @@ def inspect_routing_command(
     run: Annotated[str, typer.Argument(metavar="RUN_OR_CHECKPOINT",
                                        help="A run folder (uses its best, else latest checkpoint) or a .pt file.")],
     tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to route (all of the split if fewer).")]
-    = DEFAULT_TOKENS,
+    = 65_536,
     split: Annotated[str, typer.Option("--split", help="Which split to read: val or train.")] = "val",
     layer: Annotated[int | None, typer.Option("--layer", help="Report only this MoE layer.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Also print TEXT coloured by each token's top-1 "
@@ -49,6 +48,8 @@ def inspect_routing_command(
     relative to their corpus frequency. Also: co-activated expert pairs,
     cross-layer agreement, the load history from metrics.jsonl.
     """
+    from moegpt.routing_inspect import InspectOptions, inspect_routing  # here: `--help` needs no torch
+
     if format_ not in ("table", "json"):
         raise MoegptError(f"--format must be table or json (got {format_!r})")
     if png is not None:

@@ -7,7 +7,6 @@ from rich.table import Table
 
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
-from moegpt.model import GPT
 from moegpt.presets import resolve_config
 
 
@@ -27,6 +26,7 @@ def params_command(
     n_embd: opt.NEmbd = None, block_size: opt.BlockSize = None, vocab_size: opt.VocabSize = None,
 ) -> None:
     """Print total and active (per-token) parameters, MoE layers, FLOPs per token and weight memory."""
+    from moegpt.model import GPT  # here, not at import: `--help` must not wait for torch
     cfg = resolve_config(preset, config, opt.model_flags(
         moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, activation=activation,
         capacity_factor=capacity_factor, n_layer=n_layer, n_head=n_head, n_embd=n_embd,

@@ -8,27 +8,21 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.text import Text
 
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
 from moegpt.errors import MoegptError, WriteFailed
-from moegpt.finite import naming_checkpoint
-from moegpt.generate import (
-    LayerRouting,
-    Utf8StreamDecoder,
-    concat_routing,
-    generate_steps,
-    model_is_causal,
-    sampling_problems,
-)
-from moegpt.runs import LoadedRun, load_run
-from moegpt.runtime import autocast, resolve_device, resolve_precision
-from moegpt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch and the model load inside the command: `--help` must not wait for them
+    import torch
+
+    from moegpt.generate import LayerRouting
+    from moegpt.runs import LoadedRun
+    from moegpt.tokenizer import Tokenizer
 
 # `--show-routing` alone means the last MoE layer (see RunArg below for `--show-routing RUN`).
 OPTIONAL_VALUE_OPTIONS.setdefault("--show-routing", "last")
@@ -99,6 +93,8 @@ def resolve_layer(spec: str, moe_layers: list[int], n_layer: int) -> int:
 
 def open_run(path: str, device: torch.device) -> LoadedRun:
     try:
+        from moegpt.runs import load_run
+
         return load_run(path, device)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:  # weights that do not fit the saved config
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -111,6 +107,8 @@ class SampleWriter:
     def __init__(self, console: Console | None, tok: Tokenizer, layer: int | None, stream: bool,
                  show_prompt: bool) -> None:
         self.console, self.layer, self.stream, self.show_prompt = console, layer, stream, show_prompt
+        from moegpt.generate import Utf8StreamDecoder
+
         self.decoder = Utf8StreamDecoder(tok)
         self.pieces: list[tuple[str, str]] = []  # (text, style) held until the end when not streaming
 
@@ -204,6 +202,12 @@ def sample_command(
     on them). expert-choice and soft are not causal and recompute the window every step.
     Capacity-limited variants (switch) route one token per cached step, so none is dropped there.
     """
+    import torch
+
+    from moegpt.finite import naming_checkpoint
+    from moegpt.generate import concat_routing, generate_steps, model_is_causal, sampling_problems
+    from moegpt.runtime import autocast, resolve_device, resolve_precision
+
     if show_routing is not None and not is_layer_spec(show_routing) and run is None:
         run, show_routing = show_routing, "last"  # `--show-routing RUN`: the bare flag, then the run
     if run is None:

@@ -14,9 +14,7 @@ from moegpt.cli import options as opt
 from moegpt.cli.app import app
 from moegpt.cli.params import human
 from moegpt.errors import MoegptError, TrainingInterrupted
-from moegpt.moe import is_causal_variant
 from moegpt.presets import resolve_config
-from moegpt.train import Trainer
 
 Resume = Annotated[str | None, typer.Option(
     "--resume", metavar="[auto]",
@@ -145,6 +143,9 @@ def train_command(
     arguments it trains the default CPU MoE (8 experts, top-2) on the built-in corpus, preparing it
     on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume.
     """
+    from moegpt.moe import is_causal_variant  # here, not at import: `--help` must not wait for torch
+    from moegpt.train import Trainer
+
     flags = opt.model_flags(moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden,
                             activation=activation, capacity_factor=capacity_factor, dispatch=dispatch,
                             n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)

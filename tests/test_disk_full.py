@@ -106,7 +106,7 @@ def test_full_disk_for_reports(trained):
 
 
 def test_unwrapped_write_failures_become_one_line(trained, monkeypatch):
-    from moegpt.cli import inspect_routing as command
+    from moegpt import routing_inspect as command
 
     def eio(*args, **kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
