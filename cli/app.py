@@ -10,6 +10,7 @@ import typer
 from typer import core as typer_core
 from typer.core import TyperGroup
 
+from moegpt.cli.help_format import reflow_tree
 from moegpt.errors import MoegptError
 from moegpt.safe_io import describe, is_write_failure
 
@@ -50,6 +51,7 @@ class MoegptGroup(TyperGroup):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         args = complete_optional_values(list(sys.argv[1:] if args is None else args))
+        reflow_tree(self)
         try:
             rv = super().main(args=args, prog_name=prog_name or "moegpt", complete_var=complete_var,
                               standalone_mode=False, **extra)
