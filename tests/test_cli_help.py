@@ -21,7 +21,8 @@ def help_text(args: list[str], width: int = 200) -> str:
 
 
 def test_reflow_joins_lines_within_paragraphs():
-    assert reflow("First line\n    goes on.\n\n    Second\n    paragraph.\n") == "First line goes on.\n\nSecond paragraph."
+    text = "First line\n    goes on.\n\n    Second\n    paragraph.\n"
+    assert reflow(text) == "First line goes on.\n\nSecond paragraph."
 
 
 def test_docstring_paragraphs_are_not_broken_mid_sentence():
