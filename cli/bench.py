@@ -11,11 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moegpt.cli import options as opt
 from moegpt.cli.app import app
 from moegpt.cli.options import VARIANTS
 from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
 from moegpt.presets import resolve_config
+from moegpt.threads import apply_threads
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +79,7 @@ def bench_layer_command(
     backends: Annotated[str, typer.Option("--backends", help="Dispatch backends to time.")] = "sorted,padded,loop",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats (median).")] = 7,
-    fmt: Format = "table", device: Device = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto",
 ) -> None:
     """One MoE layer (topk, SwiGLU) fwd+bwd per dispatch backend vs a dense FFN of equal active FLOPs.
 
@@ -89,6 +91,7 @@ def bench_layer_command(
     from moegpt.runtime import resolve_device
 
     check_format(fmt)
+    apply_threads(threads)
     pairs = []
     for item in grid.split(","):
         try:
@@ -130,7 +133,7 @@ def bench_model_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
     dispatch: Annotated[str, typer.Option("--dispatch", help="Dispatch backends for MoE rows.")] = "sorted",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
-    fmt: Format = "table", device: Device = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto",
 ) -> None:
     """Training tokens/s (fwd+bwd+clip+AdamW, as `moegpt train` steps) of the preset's model, MoE vs dense at
     equal active params.
@@ -141,6 +144,7 @@ def bench_model_command(
     from moegpt.runtime import resolve_device
 
     check_format(fmt)
+    apply_threads(threads)
     names = name_list(variants, list(VARIANTS), "variant")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
     if any(p not in ("fp32", "bf16") for p in precisions):
@@ -176,7 +180,7 @@ def bench_sample_command(
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate.")] = 256,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed rounds (each runs every mode once; "
                                          "the best run per mode counts).")] = 5,
-    fmt: Format = "table", device: Device = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto",
 ) -> None:
     """Greedy generation tokens/s with the KV cache vs full recomputation (untrained weights: speed only).
 
@@ -191,6 +195,7 @@ def bench_sample_command(
     from moegpt.runtime import resolve_device
 
     check_format(fmt)
+    apply_threads(threads)
     cfg = resolve_config(preset, sets=[f"moe.variant={moe}"])
     dev = resolve_device(device)
     torch.manual_seed(0)
@@ -214,12 +219,13 @@ def bench_quality_command(
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
-    fmt: Format = "table",
+    fmt: Format = "table", threads: opt.Threads = "auto",
 ) -> None:
     """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
     from moegpt.bench import bench_quality
 
     check_format(fmt)
+    apply_threads(threads)
     names = name_list(variants, list(VARIANTS), "variant")
     cfg = resolve_config(preset, sets=sets)
     console = Console(stderr=True)

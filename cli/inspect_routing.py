@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from moegpt.cli import options as opt
 from moegpt.cli.app import app
 from moegpt.cli.routing_views import render_report
 from moegpt.errors import MoegptError
@@ -39,6 +40,7 @@ def inspect_routing_command(
                                                                         "training batch size; capacity depends on "
                                                                         "it).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda[:N], mps.")] = "auto",
+    threads: opt.Threads = "auto",
 ) -> None:
     """Report how a run uses its experts, on held-out tokens, without modifying the run.
 
@@ -49,11 +51,13 @@ def inspect_routing_command(
     cross-layer agreement, the load history from metrics.jsonl.
     """
     from moegpt.routing_inspect import InspectOptions, inspect_routing  # here: `--help` needs no torch
+    from moegpt.threads import apply_threads
 
     if format_ not in ("table", "json"):
         raise MoegptError(f"--format must be table or json (got {format_!r})")
     if png is not None:
         require_matplotlib()  # before minutes of work, not after
+    apply_threads(threads)
     report = inspect_routing(run, InspectOptions(tokens=tokens, split=split, layer=layer, text=text,
                                                  causality=causality, compare=compare, dead_threshold=dead_threshold,
                                                  device=device, batch_size=batch_size))

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from moegpt.cli import options as opt
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
 from moegpt.errors import MoegptError, WriteFailed
 
@@ -193,6 +194,7 @@ def sample_command(
                                "crop, slower).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda[:N], mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16 (autocast).")] = "auto",
+    threads: opt.Threads = "auto",
 ) -> None:
     """Generate text from a trained run: samples on stdout, warnings, legend and tokens/s on stderr.
 
@@ -207,6 +209,7 @@ def sample_command(
     from moegpt.finite import naming_checkpoint
     from moegpt.generate import concat_routing, generate_steps, model_is_causal, sampling_problems
     from moegpt.runtime import autocast, resolve_device, resolve_precision
+    from moegpt.threads import apply_threads
 
     if show_routing is not None and not is_layer_spec(show_routing) and run is None:
         run, show_routing = show_routing, "last"  # `--show-routing RUN`: the bare flag, then the run
@@ -225,6 +228,7 @@ def sample_command(
         raise MoegptError(f"--routing-json {routing_json}: its folder does not exist")
     text = read_prompt(prompt, prompt_file)
 
+    n_threads = apply_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     loaded = open_run(run, dev)
@@ -278,7 +282,8 @@ def sample_command(
         write_routing_json(Path(routing_json), loaded, use_cache, seed, samples)
     rate = generated / seconds if seconds > 0 else math.inf
     err.print(f"{generated} tokens in {seconds:.2f} s: {rate:,.1f} tokens/s "
-              f"({'KV cache' if use_cache else 'full recompute'}, {dev.type}, {prec}, seed {seed})", markup=False)
+              f"({'KV cache' if use_cache else 'full recompute'}, {dev.type}, {prec}, {n_threads} threads, "
+              f"seed {seed})", markup=False)
 
 
 def write_routing_json(path: Path, loaded: LoadedRun, use_cache: bool, seed: int, samples: list[dict]) -> None:
