@@ -9,7 +9,8 @@ import typer
 # The registry's names, listed here so that `--help` needs no torch import (a test checks they agree).
 VARIANTS = ("dense", "basic", "topk", "noisy-topk", "switch", "shared", "expert-choice", "soft", "aux-free")
 
-VARIANT_HELP = "MoE variant: " + ", ".join(VARIANTS) + "."
+VARIANT_HELP = ("MoE variant: " + ", ".join(VARIANTS) + ". dense is one FFN per layer (width 4 x n-embd) with "
+                "--activation: SwiGLU by default; --moe dense --activation gelu is nanoGPT's MLP (without biases).")
 
 Preset = Annotated[str, typer.Option("--preset", help="Starting configuration: cpu (default), tiny, gpu-small.")]
 ConfigFile = Annotated[str | None, typer.Option("--config", "-c", help="TOML config file (e.g. runs/NAME/config.toml); "
@@ -21,7 +22,10 @@ NExpert = Annotated[int | None, typer.Option("--n-expert", help="Routed experts 
 TopK = Annotated[int | None, typer.Option("--top-k", help="Experts per token (token-choice variants).")]
 ExpertHidden = Annotated[int | None, typer.Option(
     "--expert-hidden", help="Hidden width of one expert (0 = equal active params with dense).")]
-Activation = Annotated[str | None, typer.Option("--activation", help="Expert MLP: swiglu, gelu, relu, linear.")]
+Activation = Annotated[str | None, typer.Option(
+    "--activation", help="Activation of every FFN: the experts, the shared experts and the dense FFN (of --moe "
+                         "dense and of dense layers between MoE ones): swiglu (default), gelu (nanoGPT's), relu, "
+                         "linear.")]
 CapacityFactor = Annotated[float | None, typer.Option("--capacity-factor",
                                                       help="Expert capacity factor; <= 0 means dropless.")]
 Dispatch = Annotated[str | None, typer.Option("--dispatch", help="Dispatch backend: sorted, loop, padded, grouped.")]
@@ -29,6 +33,11 @@ NLayer = Annotated[int | None, typer.Option("--n-layer", help="Transformer block
 NHead = Annotated[int | None, typer.Option("--n-head", help="Attention heads.")]
 NEmbd = Annotated[int | None, typer.Option("--n-embd", help="Model width.")]
 BlockSize = Annotated[int | None, typer.Option("--block-size", help="Context length in tokens.")]
+Threads = Annotated[str, typer.Option(
+    "--threads", metavar="N|auto",
+    help="Intra-op CPU threads. auto: OMP_NUM_THREADS when set, else every core this process may use; OpenMP "
+         "threads wait passively (asleep, not spinning) unless OMP_WAIT_POLICY is set, so a busy core "
+         "elsewhere does not stall them.")]
 VocabSize = Annotated[int | None, typer.Option(
     "--vocab-size", help="Vocabulary size (taken from the data when training).")]
 

@@ -15,6 +15,7 @@ from moegpt.cli.app import app
 from moegpt.cli.params import human
 from moegpt.errors import MoegptError, TrainingInterrupted
 from moegpt.presets import resolve_config
+from moegpt.resume import saved_config_path
 
 Resume = Annotated[str | None, typer.Option(
     "--resume", metavar="[auto]",
@@ -25,8 +26,8 @@ Resume = Annotated[str | None, typer.Option(
 class TrainRenderer:
     """Turns trainer events into a live progress bar (terminal) or plain log lines (pipes, CI)."""
 
-    def __init__(self, console: Console, max_iters: int):
-        self.console, self.max_iters = console, max_iters
+    def __init__(self, console: Console, max_iters: int, threads: int | None = None):
+        self.console, self.max_iters, self.threads = console, max_iters, threads
         if not console.is_terminal:
             console.soft_wrap = True  # log lines stay whole in files and pipes
         self.interactive = console.is_terminal
@@ -49,7 +50,8 @@ class TrainRenderer:
         moe = "dense FFN" if e["variant"] == "dense" else (
             f"{e['variant']} E={e['n_expert']} k={e['top_k']} act={e['activation']} dispatch={e['dispatch']} "
             f"MoE layers={p['moe_layers']}")
-        self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']} precision={p['precision']}"
+        threads = f" threads={self.threads}" if self.threads and p["device"] == "cpu" else ""
+        self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']}{threads} precision={p['precision']}"
                            + (f" ranks={p['world_size']}" if p["world_size"] > 1 else ""))
         self.console.print(f"model: L={m['n_layer']} d={m['n_embd']} heads={m['n_head']} T={m['block_size']} "
                            f"vocab={m['vocab_size']} | {moe}")
@@ -136,6 +138,19 @@ def train_command(
                                                                       "and losses stay fp32).")] = None,
     compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     resume: Resume = None,
+    threads: opt.Threads = "auto",
+    runs_root: Annotated[str | None, typer.Option("--runs-root", help="Where run folders live (default runs).")] = None,
+    dropout: Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of the "
+                                                                              "matrices.")] = None,
+    beta2: Annotated[float | None, typer.Option("--beta2", help="AdamW beta2.")] = None,
+    grad_clip: Annotated[float | None, typer.Option("--grad-clip", help="Gradient norm clip; 0 = off.")] = None,
+    eval_iters: Annotated[int | None, typer.Option("--eval-iters", help="Validation batches per "
+                                                                        "evaluation.")] = None,
+    lr_decay_iters: Annotated[int | None, typer.Option(
+        "--lr-decay-iters", help="Step where the cosine decay reaches its floor (0 = max-iters).")] = None,
+    min_lr_ratio: Annotated[float | None, typer.Option("--min-lr-ratio", help="Floor of the cosine decay, as a "
+                                                                              "fraction of --lr.")] = None,
 ) -> None:
     """Train a model and write runs/NAME/ (config.toml, metrics.jsonl, ckpt/).
 
@@ -144,6 +159,7 @@ def train_command(
     on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume.
     """
     from moegpt.moe import is_causal_variant  # here, not at import: `--help` must not wait for torch
+    from moegpt.threads import apply_threads
     from moegpt.train import Trainer
 
     flags = opt.model_flags(moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden,
@@ -153,22 +169,28 @@ def train_command(
                   "train.max_iters": max_iters, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                   "train.lr": lr, "train.warmup_iters": warmup_iters, "train.eval_interval": eval_interval,
                   "train.log_interval": log_interval, "train.ckpt_interval": ckpt_interval, "train.seed": seed,
-                  "train.device": device, "train.precision": precision, "train.compile": compile_})
+                  "train.device": device, "train.precision": precision, "train.compile": compile_,
+                  "train.runs_root": runs_root, "model.dropout": dropout, "train.weight_decay": weight_decay,
+                  "train.beta2": beta2, "train.grad_clip": grad_clip, "train.eval_iters": eval_iters,
+                  "train.lr_decay_iters": lr_decay_iters, "train.min_lr_ratio": min_lr_ratio})
     if resume not in (None, "yes", "auto"):
         raise MoegptError(f"--resume takes no value or 'auto' (got {resume!r})")
     cfg = resolve_config(preset, config, flags, set_)
+    if resume is not None and config is None and (saved := saved_config_path(cfg)) is not None:
+        cfg = resolve_config(preset, str(saved), flags, set_)  # the run's own config is the base
     console = Console()
     if not is_causal_variant(cfg.moe.variant):
         console.print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later tokens of the "
                       "batch, so its training loss is optimistic and generation differs from training")
-    renderer = TrainRenderer(console, cfg.train.max_iters)
+    renderer = TrainRenderer(console, cfg.train.max_iters, threads=apply_threads(threads))
     try:
         Trainer(cfg, resume=resume or "no", on_event=renderer).run()
     except TrainingInterrupted as stop:
         renderer.stop()
         where = f"checkpoint saved: {stop.checkpoint}; " if stop.checkpoint else ""
+        runs_root = "" if cfg.train.runs_root == "runs" else f" --runs-root {cfg.train.runs_root}"
         print(f"moegpt: interrupted (signal {stop.signum}); {where}continue with "
-              f"`moegpt train --name {cfg.train.name} --resume`", file=sys.stderr)
+              f"`moegpt train --name {cfg.train.name}{runs_root} --resume`", file=sys.stderr)
         raise typer.Exit(128 + stop.signum) from None
     finally:
         renderer.stop()

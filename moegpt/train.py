@@ -31,6 +31,7 @@ from moegpt.config import RunConfig, TrainConfig
 from moegpt.data import TokenDataset, ensure_prepared
 from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
 from moegpt.model import GPT, aux_losses
+from moegpt.resume import keep_decay_horizon
 from moegpt.routing_stats import layer_summary
 from moegpt.runlock import RunLock
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
@@ -40,7 +41,7 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 
 # train-section keys a resumed run may change; everything else must match the checkpoint
 RESUMABLE_TRAIN_KEYS = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                        "keep_ckpts", "device", "compile", "name", "runs_root"}
+                        "keep_ckpts", "device", "compile", "name", "runs_root", "lr_decay_iters"}
 FAULT_NAN_ENV = "MOEGPT_FAULT_NAN_AT_STEP"  # test hook: make the loss NaN at this (1-based) step
 
 
@@ -203,6 +204,8 @@ class Trainer:
             diffs = config_differences(state["config"], cfg.to_dict())
             if diffs:
                 raise MoegptError(f"cannot resume {latest}: config differs from the checkpoint's: {'; '.join(diffs)}")
+            if note := keep_decay_horizon(cfg, state["config"]):
+                self.emit("note", message=note)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
