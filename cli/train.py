@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
@@ -21,6 +21,20 @@ Resume = Annotated[str | None, typer.Option(
     "--resume", metavar="[auto]",
     help="Continue the run from its latest checkpoint (error if none); `--resume auto` starts fresh when "
          "there is none.")]
+
+
+def training_progress(console: Console, **kwargs: Any) -> Progress:
+    """Step counter and ETA first, then a bar, then the figures: at 80 columns the figures are cut first."""
+    return Progress(TextColumn("[bold blue]train"), MofNCompleteColumn(), TimeRemainingColumn(),
+                    BarColumn(bar_width=20), TextColumn("{task.fields[info]}", table_column=Column(
+                        no_wrap=True, overflow="ellipsis", ratio=1)),
+                    console=console, expand=True, **kwargs)
+
+
+def progress_info(p: dict[str, Any], last_val: float | None) -> str:
+    """The progress bar's figures, most important first (the end is cut on narrow terminals)."""
+    return (f"loss {p['loss_ce']:.3f}" + (f" val {last_val:.3f}" if last_val is not None else "")
+            + f" {p['tokens_per_s']:,.0f} tok/s lr {p['lr']:.2e} aux {p['loss'] - p['loss_ce']:.4f}")
 
 
 class TrainRenderer:
@@ -61,18 +75,20 @@ class TrainRenderer:
         if p["resumed_from"]:
             self.console.print(f"resumed from {p['resumed_from']} at step {p['start_step']}")
         if self.interactive:
-            self.progress = Progress(
-                TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+            self.progress = training_progress(self.console)
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.max_iters, completed=p["start_step"], info="")
+
+    def on_step(self, p: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=p["step"])
 
     def on_log(self, p: dict[str, Any]) -> None:
         aux = p["loss"] - p["loss_ce"]
         info = (f"loss {p['loss_ce']:.3f} aux {aux:.4f} lr {p['lr']:.2e} {p['tokens_per_s']:,.0f} tok/s"
                 + (f" val {self.last_val:.3f}" if self.last_val is not None else ""))
         if self.progress is not None:
-            self.progress.update(self.task, completed=p["step"], info=info)
+            self.progress.update(self.task, completed=p["step"], info=progress_info(p, self.last_val))
         else:
             loads = " ".join(f"{layer['max_mean_load']:.2f}" for layer in p["layers"])
             self.console.print(f"step {p['step']:>6}/{self.max_iters} | {info}"

@@ -294,6 +294,7 @@ class Trainer:
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
+            self.emit("step", step=step)  # progress bars move every step, not only at log records
 
             if step % t.log_interval == 0 or step == t.max_iters:
                 now = time.perf_counter()
