@@ -196,8 +196,9 @@ def train_command(
         cfg = resolve_config(preset, str(saved), flags, set_)  # the run's own config is the base
     console = Console()
     if not is_causal_variant(cfg.moe.variant):
-        console.print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later tokens of the "
-                      "batch, so its training loss is optimistic and generation differs from training")
+        Console(stderr=True).print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later "
+                                   "tokens of the batch, so its training loss is optimistic and generation differs "
+                                   "from training")
     renderer = TrainRenderer(console, cfg.train.max_iters, threads=apply_threads(threads))
     try:
         Trainer(cfg, resume=resume or "no", on_event=renderer).run()

@@ -30,3 +30,14 @@ def test_common_knobs_as_flags(tiny_data, tmp_path):
 def test_help_says_what_the_dense_ffn_is():
     text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}, terminal_width=300).output
     assert "--activation gelu is nanoGPT's MLP" in text and "the dense FFN" in text
+
+
+def test_warnings_go_to_stderr(tiny_data, tmp_path):
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(tiny_data),
+                                 "--runs-root", str(tmp_path), "--name", "ec", "--max-iters", "1",
+                                 "--moe", "expert-choice"])
+    assert result.exit_code == 0, result.output
+    assert "not causal" in result.stderr and "not causal" not in result.stdout
+    sample = runner.invoke(app, ["sample", str(tmp_path / "ec"), "--max-new-tokens", "2", "--seed", "0"])
+    assert sample.exit_code == 0, sample.output
+    assert "not causal" in sample.stderr and "not causal" not in sample.stdout
