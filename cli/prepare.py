@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -85,16 +86,21 @@ def human_bytes(n: float) -> str:
 def render_summary(result: PrepareResult, console: Console) -> None:
     meta = result.meta
     splits = meta["splits"]
-    table = Table(title=f"prepared {result.path}", title_justify="left")
+    # one source document is cut in two at a line end: each split holds a part of it, not a document
+    one_cut = not meta.get("split", {}).get("unit", "document").startswith("document")
+    table = Table(title=f"prepared {result.path}", title_justify="left",
+                  caption="one document, cut at a line end into train and val" if one_cut
+                  else "whole documents per split (seeded shuffle)", caption_justify="left")
     for column in ("split", "documents", "bytes", "tokens", "bytes/token"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, info in splits.items():
-        table.add_row(split, f"{info['documents']:,}", human_bytes(info["bytes"]), f"{info['tokens']:,}",
-                      f"{info['bytes_per_token']:.2f}")
-    docs, n_bytes, tokens = (sum(info[key] for info in splits.values())
+        table.add_row(split, "part of 1" if one_cut else f"{info['documents']:,}", human_bytes(info["bytes"]),
+                      f"{info['tokens']:,}", f"{info['bytes_per_token']:.2f}")
+    eots, n_bytes, tokens = (sum(info[key] for info in splits.values())
                              for key in ("documents", "bytes", "tokens"))
-    table.add_row("total", f"{docs:,}", human_bytes(n_bytes), f"{tokens:,}",
-                  f"{n_bytes / max(1, tokens - docs):.2f}", style="bold")
+    source_docs = meta["source"].get("documents", 1 if one_cut else eots)
+    table.add_row("total", f"{source_docs:,}", human_bytes(n_bytes), f"{tokens:,}",
+                  f"{n_bytes / max(1, tokens - eots):.2f}", style="bold")
     console.print(table)
 
     source, tok = meta["source"], meta["tokenizer"]
@@ -164,3 +170,5 @@ def prepare_command(
                                  max_bytes=cap, text_field=text_field, split=split, seed=seed, force=force,
                                  encoding_errors=encoding_errors, progress=RichProgress(bars))
     render_summary(result, Console())
+    root = "" if result.path.parent == Path("data") else f" --data-root {result.path.parent}"
+    print(f"next: moegpt train --data {result.path.name}{root}")
