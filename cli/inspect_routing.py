@@ -20,7 +20,10 @@ from moegpt.routing_schema import SCHEMA_VERSION, report_to_json
 def inspect_routing_command(
     run: Annotated[str, typer.Argument(metavar="RUN_OR_CHECKPOINT",
                                        help="A run folder (uses its best, else latest checkpoint) or a .pt file.")],
-    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to route (all of the split if fewer).")]
+    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to route and score, in windows at random "
+                                                         "positions spread over the whole split (seed 0), as "
+                                                         "training evaluates; the whole split, in order, if it "
+                                                         "holds no more.")]
     = 65_536,
     split: Annotated[str, typer.Option("--split", help="Which split to read: val or train.")] = "val",
     layer: Annotated[int | None, typer.Option("--layer", help="Report only this MoE layer.")] = None,
