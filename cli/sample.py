@@ -227,6 +227,9 @@ def sample_command(
     if routing_json is not None and not Path(routing_json).resolve().parent.is_dir():
         raise MoegptError(f"--routing-json {routing_json}: its folder does not exist")
     text = read_prompt(prompt, prompt_file)
+    if temperature == 0 and num_samples > 1:
+        print(f"note: --temperature 0 is greedy decoding: the {num_samples} samples will be identical",
+              file=sys.stderr)
 
     n_threads = apply_threads(threads)
     dev = resolve_device(device)

@@ -41,3 +41,14 @@ def test_warnings_go_to_stderr(tiny_data, tmp_path):
     sample = runner.invoke(app, ["sample", str(tmp_path / "ec"), "--max-new-tokens", "2", "--seed", "0"])
     assert sample.exit_code == 0, sample.output
     assert "not causal" in sample.stderr and "not causal" not in sample.stdout
+
+
+def test_greedy_with_several_samples_says_they_are_identical(tiny_data, tmp_path):
+    assert runner.invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(tiny_data),
+                               "--runs-root", str(tmp_path), "--name", "g", "--max-iters", "1"]).exit_code == 0
+    result = runner.invoke(app, ["sample", str(tmp_path / "g"), "--temperature", "0", "--num-samples", "2",
+                                 "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "the 2 samples will be identical" in result.stderr
+    first, second = result.stdout.split("---------------\n")
+    assert first.strip() == second.strip()
