@@ -28,6 +28,8 @@ app.add_typer(bench_app, name="bench")
 
 Format = Annotated[str, typer.Option("--format", help="table (default) or json.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda[:N], mps.")]
+Wide = Annotated[bool, typer.Option("--wide", help="Full column names and no width limit (tables fit 100 "
+                                                   "columns otherwise; --format json has every field).")]
 
 
 def int_list(text: str, what: str) -> list[int]:
@@ -53,22 +55,38 @@ def check_format(fmt: str) -> None:
         raise MoegptError(f"--format must be table or json (got {fmt!r})")
 
 
-def render(result: dict[str, Any], fmt: str, title: str, columns: list[str]) -> None:
+# Short table headings, so that the tables fit 100 columns; --wide and JSON keep the full names.
+SHORT_HEADINGS = {"n_tokens": "N", "d_model": "d", "n_expert": "E", "top_k": "k", "ratio_to_dense": "x dense",
+                  "gflops": "GF/s", "frac_of_peak": "of peak", "memory_ratio_to_dense": "mem x dense",
+                  "ms_per_step": "ms/step", "tokens_per_s": "tokens/s", "ratio_to_first": "x first",
+                  "total_params": "total params", "active_params": "active params",
+                  "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load"}
+TABLE_WIDTH = 100
+
+
+def render(result: dict[str, Any], fmt: str, title: str, columns: list[str], wide: bool = False) -> None:
     if fmt == "json":
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    header = f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
+    header = (f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
+              + (f" ({m['omp_wait_policy']} wait)" if m.get("omp_wait_policy") else ""))
     extra = {k: v for k, v in result.items() if k not in ("machine", "rows")}
     table = Table(title=title, caption=header + (" | " + " ".join(f"{k}={v}" for k, v in extra.items())
                                                   if extra else ""))
     for col in columns:
-        table.add_column(col, justify="left" if col in ("impl", "model", "variant", "mode") else "right")
+        table.add_column(col if wide else SHORT_HEADINGS.get(col, col),
+                         justify="left" if col in ("impl", "model", "variant", "mode") else "right")
     for row in result["rows"]:
         table.add_row(*("-" if row.get(c) is None else f"{row[c]:,}" if isinstance(row.get(c), int) else str(row[c])
                         for c in columns))
-    # pipes and files get a wide table instead of rich's 80-column default
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    # pipes and files get 100 columns (no limit with --wide) instead of rich's 80-column default
+    terminal = Console().width if sys.stdout.isatty() else None
+    if wide:
+        width = terminal or 1000
+    else:
+        width = min(TABLE_WIDTH, terminal or TABLE_WIDTH)
+    Console(width=width).print(table)
 
 
 @bench_app.command("layer")
@@ -79,7 +97,7 @@ def bench_layer_command(
     backends: Annotated[str, typer.Option("--backends", help="Dispatch backends to time.")] = "sorted,padded,loop",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats (median).")] = 7,
-    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """One MoE layer (topk, SwiGLU) fwd+bwd per dispatch backend vs a dense FFN of equal active FLOPs.
 
@@ -109,7 +127,7 @@ def bench_layer_command(
     result = bench_layer(cases, chosen, resolve_device(device), precision=precision, repeats=repeats)
     render(result, fmt, "moegpt bench layer (fwd+bwd, median)",
            ["n_tokens", "d_model", "n_expert", "top_k", "impl", "ms", "ratio_to_dense", "gflops", "frac_of_peak",
-            "memory_ratio_to_dense"])
+            "memory_ratio_to_dense"], wide=wide)
 
 
 def _training_tokens(preset_data: Path, limit: int = 2_000_000) -> torch.Tensor | None:
@@ -133,7 +151,7 @@ def bench_model_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
     dispatch: Annotated[str, typer.Option("--dispatch", help="Dispatch backends for MoE rows.")] = "sorted",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
-    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Training tokens/s (fwd+bwd+clip+AdamW, as `moegpt train` steps) of the preset's model, MoE vs dense at
     equal active params.
@@ -170,7 +188,7 @@ def bench_model_command(
             row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
     render({**result, "precision": precision, "data": "stdlib" if tokens is not None else "random", "rows": rows},
            fmt, "moegpt bench model (training step, median)",
-           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"])
+           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"], wide=wide)
 
 
 @bench_app.command("sample")
@@ -180,7 +198,7 @@ def bench_sample_command(
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate.")] = 256,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed rounds (each runs every mode once; "
                                          "the best run per mode counts).")] = 5,
-    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Greedy generation tokens/s with the KV cache vs full recomputation (untrained weights: speed only).
 
@@ -210,7 +228,7 @@ def bench_sample_command(
             "context_keep": stats["context_keep"], "repeats": repeats, "speedup": round(stats["speedup"], 2),
             "speedup_best": round(stats["speedup_best"], 2), "same_tokens": stats["same_tokens"],
             "rows": rows}, fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
-           ["mode", "tokens_per_s", "kv_cache_speedup"])
+           ["mode", "tokens_per_s", "kv_cache_speedup"], wide=wide)
 
 
 @bench_app.command("quality")
@@ -219,7 +237,7 @@ def bench_quality_command(
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
-    fmt: Format = "table", threads: opt.Threads = "auto",
+    fmt: Format = "table", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
     from moegpt.bench import bench_quality
@@ -241,4 +259,4 @@ def bench_quality_command(
                           highlight=False)
     result = bench_quality(cfg, names, steps, on_event=progress)
     render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
-           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"])
+           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"], wide=wide)
