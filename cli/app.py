@@ -55,6 +55,8 @@ class MoegptGroup(TyperGroup):
         try:
             rv = super().main(args=args, prog_name=prog_name or "moegpt", complete_var=complete_var,
                               standalone_mode=False, **extra)
+            if standalone_mode:
+                sys.stdout.flush()  # a full disk under `> file` fails here, not in the interpreter's exit
         except click.exceptions.UsageError as err:
             if not standalone_mode:
                 raise

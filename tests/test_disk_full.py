@@ -114,3 +114,14 @@ def test_unwrapped_write_failures_become_one_line(trained, monkeypatch):
     monkeypatch.setattr(command, "inspect_routing", eio)
     result = runner.invoke(app, ["inspect-routing", str(trained), "--tokens", "1024"])
     assert_one_line_failure(result, "Input/output error (errno 5)")
+
+
+def test_stdout_on_a_full_device_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "moegpt.cli", "params", "--preset", "tiny"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == ["moegpt: error: cannot write: No space left on device (errno 28)"]
