@@ -50,7 +50,3 @@ def apply_threads(spec: str | int) -> int:
     torch.set_num_threads(threads)
     return threads
 
-
-def wait_policy() -> str:
-    """The OpenMP wait policy in effect for this process (as read from its environment)."""
-    return os.environ.get(WAIT_POLICY_ENV, "default (active spinning)").lower()
