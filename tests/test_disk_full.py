@@ -116,6 +116,7 @@ def test_unwrapped_write_failures_become_one_line(trained, monkeypatch):
     assert_one_line_failure(result, "Input/output error (errno 5)")
 
 
+@pytest.mark.slow
 def test_stdout_on_a_full_device_is_one_line(tmp_path):
     import subprocess
     import sys

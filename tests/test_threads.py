@@ -47,6 +47,7 @@ def gomp_settings(code: str, **env: str) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 def test_cli_makes_openmp_wait_passively():
     if "GOMP_SPINCOUNT" not in gomp_settings("import torch; torch.ones(2)"):
         pytest.skip("torch here is not built with GNU OpenMP")
