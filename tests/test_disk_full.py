@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_failure
 from test_safe_io import failing_writer
 from typer.testing import CliRunner
 
@@ -17,15 +18,6 @@ from moegpt.cli.main import app
 
 runner = CliRunner()
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def assert_one_line_failure(result, *fragments: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moegpt: error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def train_args(data_root: Path, runs: Path, *extra: str) -> list[str]:

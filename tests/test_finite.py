@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_disk_full import assert_one_line_failure
+from cli_helpers import assert_one_line_failure
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
