@@ -10,9 +10,12 @@ import typer
 from typer import core as typer_core
 from typer.core import TyperGroup
 
+from moegpt.cli.help_format import reflow_tree
 from moegpt.errors import MoegptError
+from moegpt.safe_io import describe, is_write_failure
 
 USAGE_ERROR_EXIT = 2
+RUNTIME_FAILURE_EXIT = 1
 
 # Typer >= 0.29 vendors click as typer._click; older releases use the click package.
 click = getattr(typer_core, "_click", None) or __import__("click")
@@ -48,9 +51,12 @@ class MoegptGroup(TyperGroup):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         args = complete_optional_values(list(sys.argv[1:] if args is None else args))
+        reflow_tree(self)
         try:
             rv = super().main(args=args, prog_name=prog_name or "moegpt", complete_var=complete_var,
                               standalone_mode=False, **extra)
+            if standalone_mode:
+                sys.stdout.flush()  # a full disk under `> file` fails here, not in the interpreter's exit
         except click.exceptions.UsageError as err:
             if not standalone_mode:
                 raise
@@ -60,6 +66,10 @@ class MoegptGroup(TyperGroup):
             if not standalone_mode:
                 raise
             fail(str(err), err.exit_code)
+        except OSError as err:  # a full disk, EIO or EACCES on a write path not wrapped more precisely
+            if standalone_mode and is_write_failure(err):
+                fail(f"cannot write: {describe(err)}", RUNTIME_FAILURE_EXIT)
+            raise
         except typer.Abort:
             if not standalone_mode:
                 raise

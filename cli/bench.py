@@ -6,20 +6,21 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from moegpt.bench import LayerCase, bench_layer, bench_model, bench_quality, machine_info
+from moegpt.cli import options as opt
 from moegpt.cli.app import app
-from moegpt.config import precision_problem
+from moegpt.config import DISPATCH_BACKENDS, precision_problem
 from moegpt.errors import MoegptError
-from moegpt.moe import BACKENDS, VARIANTS, variant_spec
 from moegpt.presets import resolve_config
-from moegpt.runtime import resolve_device
+from moegpt.threads import apply_threads
+
+if TYPE_CHECKING:
+    import torch
 
 bench_app = typer.Typer(help="Benchmarks measured on this machine: MoE layer vs dense, model training throughput, "
                              "KV-cache generation, equal-steps quality.", no_args_is_help=True)
@@ -27,6 +28,8 @@ app.add_typer(bench_app, name="bench")
 
 Format = Annotated[str, typer.Option("--format", help="table (default) or json.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda[:N], mps.")]
+Wide = Annotated[bool, typer.Option("--wide", help="Full column names and no width limit (tables fit 100 "
+                                                   "columns otherwise; --format json has every field).")]
 
 
 def int_list(text: str, what: str) -> list[int]:
@@ -37,6 +40,12 @@ def int_list(text: str, what: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise MoegptError(f"{what} must be positive integers (got {text!r})")
     return values
+
+
+def registered_variants() -> dict:
+    from moegpt.moe import VARIANTS  # here, not at import: `--help` must not wait for torch
+
+    return VARIANTS
 
 
 def name_list(text: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
@@ -52,22 +61,38 @@ def check_format(fmt: str) -> None:
         raise MoegptError(f"--format must be table or json (got {fmt!r})")
 
 
-def render(result: dict[str, Any], fmt: str, title: str, columns: list[str]) -> None:
+# Short table headings, so that the tables fit 100 columns; --wide and JSON keep the full names.
+SHORT_HEADINGS = {"n_tokens": "N", "d_model": "d", "n_expert": "E", "top_k": "k", "ratio_to_dense": "x dense",
+                  "gflops": "GF/s", "frac_of_peak": "of peak", "memory_ratio_to_dense": "mem x dense",
+                  "ms_per_step": "ms/step", "tokens_per_s": "tokens/s", "ratio_to_first": "x first",
+                  "total_params": "total params", "active_params": "active params",
+                  "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load"}
+TABLE_WIDTH = 100
+
+
+def render(result: dict[str, Any], fmt: str, title: str, columns: list[str], wide: bool = False) -> None:
     if fmt == "json":
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    header = f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
+    header = (f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
+              + (f" ({m['omp_wait_policy']} wait)" if m.get("omp_wait_policy") else ""))
     extra = {k: v for k, v in result.items() if k not in ("machine", "rows")}
     table = Table(title=title, caption=header + (" | " + " ".join(f"{k}={v}" for k, v in extra.items())
                                                   if extra else ""))
     for col in columns:
-        table.add_column(col, justify="left" if col in ("impl", "model", "variant", "mode") else "right")
+        table.add_column(col if wide else SHORT_HEADINGS.get(col, col),
+                         justify="left" if col in ("impl", "model", "variant", "mode") else "right")
     for row in result["rows"]:
         table.add_row(*("-" if row.get(c) is None else f"{row[c]:,}" if isinstance(row.get(c), int) else str(row[c])
                         for c in columns))
-    # pipes and files get a wide table instead of rich's 80-column default
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    # pipes and files get 100 columns (no limit with --wide) instead of rich's 80-column default
+    terminal = Console().width if sys.stdout.isatty() else None
+    if wide:
+        width = terminal or 1000
+    else:
+        width = min(TABLE_WIDTH, terminal or TABLE_WIDTH)
+    Console(width=width).print(table)
 
 
 @bench_app.command("layer")
@@ -78,7 +103,7 @@ def bench_layer_command(
     backends: Annotated[str, typer.Option("--backends", help="Dispatch backends to time.")] = "sorted,padded,loop",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast).")] = "fp32",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats (median).")] = 7,
-    fmt: Format = "table", device: Device = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """One MoE layer (topk, SwiGLU) fwd+bwd per dispatch backend vs a dense FFN of equal active FLOPs.
 
@@ -86,7 +111,11 @@ def bench_layer_command(
     interleaved), GF/s, fraction of the matmul peak measured in the same run, and the activation memory
     autograd keeps for backward relative to dense.
     """
+    from moegpt.bench import LayerCase, bench_layer
+    from moegpt.runtime import resolve_device
+
     check_format(fmt)
+    apply_threads(threads)
     pairs = []
     for item in grid.split(","):
         try:
@@ -100,15 +129,17 @@ def bench_layer_command(
         raise MoegptError(problem)
     cases = [LayerCase(n, d, e, k) for n in int_list(tokens, "--tokens") for d in int_list(d_model, "--d-model")
              for e, k in pairs]
-    chosen = name_list(backends, [b for b in BACKENDS], "backend")
+    chosen = name_list(backends, [b for b in DISPATCH_BACKENDS], "backend")
     result = bench_layer(cases, chosen, resolve_device(device), precision=precision, repeats=repeats)
     render(result, fmt, "moegpt bench layer (fwd+bwd, median)",
            ["n_tokens", "d_model", "n_expert", "top_k", "impl", "ms", "ratio_to_dense", "gflops", "frac_of_peak",
-            "memory_ratio_to_dense"])
+            "memory_ratio_to_dense"], wide=wide)
 
 
 def _training_tokens(preset_data: Path, limit: int = 2_000_000) -> torch.Tensor | None:
     """Real tokens of the built-in corpus when it is prepared (same data for every model), else None."""
+    import torch
+
     from moegpt.data import TokenDataset
 
     if not (preset_data / "meta.json").exists():
@@ -126,19 +157,23 @@ def bench_model_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
     dispatch: Annotated[str, typer.Option("--dispatch", help="Dispatch backends for MoE rows.")] = "sorted",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
-    fmt: Format = "table", device: Device = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Training tokens/s (fwd+bwd+clip+AdamW, as `moegpt train` steps) of the preset's model, MoE vs dense at
     equal active params.
 
     Models step in turn on the same batches; ratio_to_first is the median over rounds of the first model's
     step time over this model's (with --precision both: the ratio of the medians)."""
+    from moegpt.bench import bench_model
+    from moegpt.runtime import resolve_device
+
     check_format(fmt)
-    names = name_list(variants, list(VARIANTS), "variant")
+    apply_threads(threads)
+    names = name_list(variants, list(registered_variants()), "variant")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
     if any(precision_problem(p, choices=("fp32", "bf16")) for p in precisions):
         raise MoegptError(precision_problem(precision, "--precision", ("fp32", "bf16", "both")))
-    backends = name_list(dispatch, list(BACKENDS), "backend")
+    backends = name_list(dispatch, list(DISPATCH_BACKENDS), "backend")
     cfg = resolve_config(preset)
     dev = resolve_device(device)
     tokens = _training_tokens(Path(cfg.data.data_root) / cfg.data.name)
@@ -146,7 +181,7 @@ def bench_model_command(
     for prec in precisions:
         moe_cfgs = {}
         for name in names:
-            routed = variant_spec(name).routed  # the dense baseline has no dispatch to vary
+            routed = registered_variants()[name].routed  # the dense baseline has no dispatch to vary
             for backend in (backends if routed else backends[:1]):
                 label = f"{name}/{backend}" if routed and len(backends) > 1 else name
                 moe_cfgs[f"{label} {prec}"] = dataclasses.replace(cfg.moe, variant=name, dispatch=backend)
@@ -159,7 +194,7 @@ def bench_model_command(
             row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
     render({**result, "precision": precision, "data": "stdlib" if tokens is not None else "random", "rows": rows},
            fmt, "moegpt bench model (training step, median)",
-           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"])
+           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"], wide=wide)
 
 
 @bench_app.command("sample")
@@ -172,7 +207,7 @@ def bench_sample_command(
     attention: Annotated[str | None, typer.Option(
         "--attention", help="Compare KV-cached sampling across attentions instead, e.g. mha,mla (on the llama "
         "trunk; mla runs both its absorbed and its plain decode): tokens/s and cache memory.")] = None,
-    fmt: Format = "table", device: Device = "auto",
+    fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Greedy generation tokens/s with the KV cache vs full recomputation (untrained weights: speed only).
 
@@ -180,10 +215,15 @@ def bench_sample_command(
     recompute-crop (nanoGPT's way: always the last block_size tokens, a longer window past block_size).
     `speedup` is kv-cache over recompute: the median over rounds of the ratio within a round.
     With --attention: KV-cached tokens/s, cache bytes per token and a full cache's bytes per attention."""
+    import torch
+
+    from moegpt.bench import machine_info
     from moegpt.generate import benchmark_generation
     from moegpt.model import GPT
+    from moegpt.runtime import resolve_device
 
     check_format(fmt)
+    apply_threads(threads)
     cfg = resolve_config(preset, sets=[f"moe.variant={moe}"])
     dev = resolve_device(device)
     if attention is not None:
@@ -201,10 +241,11 @@ def bench_sample_command(
             "context_keep": stats["context_keep"], "repeats": repeats, "speedup": round(stats["speedup"], 2),
             "speedup_best": round(stats["speedup_best"], 2), "same_tokens": stats["same_tokens"],
             "rows": rows}, fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
-           ["mode", "tokens_per_s", "kv_cache_speedup"])
+           ["mode", "tokens_per_s", "kv_cache_speedup"], wide=wide)
 
 
 def _bench_sample_attention(cfg, attention: str, new_tokens: int, repeats: int, fmt: str, dev) -> None:
+    from moegpt.bench import machine_info
     from moegpt.bench_attention import ATTENTION_CASES, bench_cached_sampling
 
     try:
@@ -224,11 +265,14 @@ def bench_quality_command(
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
-    fmt: Format = "table",
+    fmt: Format = "table", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
+    from moegpt.bench import bench_quality
+
     check_format(fmt)
-    names = name_list(variants, list(VARIANTS), "variant")
+    apply_threads(threads)
+    names = name_list(variants, list(registered_variants()), "variant")
     cfg = resolve_config(preset, sets=sets)
     console = Console(stderr=True)
 
@@ -243,4 +287,4 @@ def bench_quality_command(
                           highlight=False)
     result = bench_quality(cfg, names, steps, on_event=progress)
     render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
-           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"])
+           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"], wide=wide)

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from moegpt.cli import options as opt
 from moegpt.cli.app import app
 from moegpt.cli.routing_views import render_report
 from moegpt.errors import MoegptError
 from moegpt.inspect.plot import require_matplotlib, write_heatmap_png
-from moegpt.inspect.run import DEFAULT_TOKENS, InspectOptions, inspect_routing
 from moegpt.inspect.schema import SCHEMA_VERSION, report_to_json
 
 
@@ -20,8 +20,11 @@ from moegpt.inspect.schema import SCHEMA_VERSION, report_to_json
 def inspect_routing_command(
     run: Annotated[str, typer.Argument(metavar="RUN_OR_CHECKPOINT",
                                        help="A run folder (uses its best, else latest checkpoint) or a .pt file.")],
-    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to route (all of the split if fewer).")]
-    = DEFAULT_TOKENS,
+    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to route and score, in windows at random "
+                                                         "positions spread over the whole split (seed 0), as "
+                                                         "training evaluates; the whole split, in order, if it "
+                                                         "holds no more.")]
+    = 65_536,
     split: Annotated[str, typer.Option("--split", help="Which split to read: val or train.")] = "val",
     layer: Annotated[int | None, typer.Option("--layer", help="Report only this MoE layer.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Also print TEXT coloured by each token's top-1 "
@@ -40,6 +43,7 @@ def inspect_routing_command(
                                                                         "training batch size; capacity depends on "
                                                                         "it).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda[:N], mps.")] = "auto",
+    threads: opt.Threads = "auto",
 ) -> None:
     """Report how a run uses its experts, on held-out tokens, without modifying the run.
 
@@ -49,10 +53,14 @@ def inspect_routing_command(
     relative to their corpus frequency. Also: co-activated expert pairs,
     cross-layer agreement, the load history from metrics.jsonl.
     """
+    from moegpt.inspect.run import InspectOptions, inspect_routing  # here: `--help` needs no torch
+    from moegpt.threads import apply_threads
+
     if format_ not in ("table", "json"):
         raise MoegptError(f"--format must be table or json (got {format_!r})")
     if png is not None:
         require_matplotlib()  # before minutes of work, not after
+    apply_threads(threads)
     report = inspect_routing(run, InspectOptions(tokens=tokens, split=split, layer=layer, text=text,
                                                  causality=causality, compare=compare, dead_threshold=dead_threshold,
                                                  device=device, batch_size=batch_size))

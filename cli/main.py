@@ -8,6 +8,7 @@ from moegpt.cli import params as _params  # noqa: F401  (registers `moegpt param
 from moegpt.cli import prepare as _prepare  # noqa: F401  (registers `moegpt prepare`)
 from moegpt.cli import sample as _sample  # noqa: F401  (registers `moegpt sample`)
 from moegpt.cli import train as _train  # noqa: F401  (registers `moegpt train`)
+from moegpt.cli import variants as _variants  # noqa: F401  (registers `moegpt variants`)
 from moegpt.cli.app import app
 
 __all__ = ["app"]

@@ -6,9 +6,13 @@ from typing import Annotated, Any
 
 import typer
 
-from moegpt.moe import ACTIVATIONS, BACKENDS, VARIANTS
+from moegpt.config import ACTIVATIONS, DISPATCH_BACKENDS
 
-VARIANT_HELP = "MoE variant: " + ", ".join(VARIANTS) + "."
+# The variants come from the registry, which imports torch: `--help` names where to find them instead
+# (`moegpt variants`), so that it answers without loading torch and a new variant needs no edit here.
+VARIANT_HELP = ("Routing variant of the MoE layers, e.g. topk, switch, shared, aux-free; `moegpt variants` lists "
+                "every one. dense is one FFN per layer (width 4 x n-embd) with --activation: SwiGLU by default; "
+                "--moe dense --activation gelu is nanoGPT's MLP (without biases).")
 
 Preset = Annotated[str, typer.Option("--preset", help="Starting configuration: cpu (default), "
                                                       "deepseek, tiny, gpu-small.")]
@@ -22,15 +26,24 @@ TopK = Annotated[int | None, typer.Option("--top-k", help="Routed experts per to
                                                            "all; expert-choice: average per token).")]
 ExpertHidden = Annotated[int | None, typer.Option(
     "--expert-hidden", help="Hidden width of one expert (0 = equal active params with dense).")]
-Activation = Annotated[str | None, typer.Option("--activation", help="Expert MLP: " + ", ".join(ACTIVATIONS) + ".")]
+Activation = Annotated[str | None, typer.Option(
+    "--activation", help="Activation of every FFN: the experts, the shared experts and the dense FFN (of --moe "
+                         "dense and of dense layers between MoE ones): " + ", ".join(ACTIVATIONS)
+                         + " (swiglu by default; gelu is nanoGPT's).")]
 CapacityFactor = Annotated[float | None, typer.Option(
     "--capacity-factor", help="Expert capacity factor: 0 = dropless, > 0 = at most ceil(cf*N*k/E) assignments "
     "per expert, < 0 = the variant's default (switch 1.25, expert-choice 1.0, others dropless).")]
-Dispatch = Annotated[str | None, typer.Option("--dispatch", help="Dispatch backend: " + ", ".join(BACKENDS) + ".")]
+Dispatch = Annotated[str | None, typer.Option("--dispatch", help="Dispatch backend: " + ", ".join(DISPATCH_BACKENDS)
+                                                                 + " (sorted is the default).")]
 NLayer = Annotated[int | None, typer.Option("--n-layer", help="Transformer blocks.")]
 NHead = Annotated[int | None, typer.Option("--n-head", help="Attention heads.")]
 NEmbd = Annotated[int | None, typer.Option("--n-embd", help="Model width.")]
 BlockSize = Annotated[int | None, typer.Option("--block-size", help="Context length in tokens.")]
+Threads = Annotated[str, typer.Option(
+    "--threads", metavar="N|auto",
+    help="Intra-op CPU threads. auto: OMP_NUM_THREADS when set, else every core this process may use; OpenMP "
+         "threads wait passively (asleep, not spinning) unless OMP_WAIT_POLICY is set, so a busy core "
+         "elsewhere does not stall them.")]
 VocabSize = Annotated[int | None, typer.Option(
     "--vocab-size", help="Vocabulary size (taken from the data when training).")]
 

@@ -7,9 +7,6 @@ from rich.table import Table
 
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
-from moegpt.mla import kv_cache_values_per_token
-from moegpt.model import GPT
-from moegpt.moe import layer_facts
 from moegpt.presets import resolve_config
 
 
@@ -30,6 +27,10 @@ def params_command(
 ) -> None:
     """Print total and active (per-token) parameters, MoE layers, FLOPs per token, weight memory and the
     KV cache per token with MHA and with MLA (this model's dimensions; the one it uses is marked)."""
+    from moegpt.mla import kv_cache_values_per_token  # here, not at import: `--help` must not wait for torch
+    from moegpt.model import GPT
+    from moegpt.moe import layer_facts
+
     cfg = resolve_config(preset, config, opt.model_flags(
         moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden, activation=activation,
         capacity_factor=capacity_factor, n_layer=n_layer, n_head=n_head, n_embd=n_embd,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -31,6 +32,7 @@ from moegpt.prepare import (
     PrepareResult,
     prepare_dataset,
 )
+from moegpt.safe_io import write_failures_as_errors
 
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                  "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -84,16 +86,21 @@ def human_bytes(n: float) -> str:
 def render_summary(result: PrepareResult, console: Console) -> None:
     meta = result.meta
     splits = meta["splits"]
-    table = Table(title=f"prepared {result.path}", title_justify="left")
+    # one source document is cut in two at a line end: each split holds a part of it, not a document
+    one_cut = not meta.get("split", {}).get("unit", "document").startswith("document")
+    table = Table(title=f"prepared {result.path}", title_justify="left",
+                  caption="one document, cut at a line end into train and val" if one_cut
+                  else "whole documents per split (seeded shuffle)", caption_justify="left")
     for column in ("split", "documents", "bytes", "tokens", "bytes/token"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, info in splits.items():
-        table.add_row(split, f"{info['documents']:,}", human_bytes(info["bytes"]), f"{info['tokens']:,}",
-                      f"{info['bytes_per_token']:.2f}")
-    docs, n_bytes, tokens = (sum(info[key] for info in splits.values())
+        table.add_row(split, "part of 1" if one_cut else f"{info['documents']:,}", human_bytes(info["bytes"]),
+                      f"{info['tokens']:,}", f"{info['bytes_per_token']:.2f}")
+    eots, n_bytes, tokens = (sum(info[key] for info in splits.values())
                              for key in ("documents", "bytes", "tokens"))
-    table.add_row("total", f"{docs:,}", human_bytes(n_bytes), f"{tokens:,}",
-                  f"{n_bytes / max(1, tokens - docs):.2f}", style="bold")
+    source_docs = meta["source"].get("documents", 1 if one_cut else eots)
+    table.add_row("total", f"{source_docs:,}", human_bytes(n_bytes), f"{tokens:,}",
+                  f"{n_bytes / max(1, tokens - eots):.2f}", style="bold")
     console.print(table)
 
     source, tok = meta["source"], meta["tokenizer"]
@@ -155,10 +162,13 @@ def prepare_command(
     columns = (SpinnerColumn(finished_text="✓"), TextColumn("{task.description:<18}"), BarColumn(),
                ByteStageColumn(DownloadColumn()), ByteStageColumn(TransferSpeedColumn()), TimeElapsedColumn())
     # Bars only on a terminal: redirected output (scripts, CI) gets the summary and nothing else.
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
+    with (write_failures_as_errors(f"cannot prepare data under {data_root}", "nothing was installed or replaced"),
+          Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars):
         result = prepare_dataset(source=source, name=name, data_root=data_root, tokenizer=tokenizer,
                                  vocab_size=DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size,
                                  val_fraction=val_fraction,
                                  max_bytes=cap, text_field=text_field, split=split, seed=seed, force=force,
                                  encoding_errors=encoding_errors, progress=RichProgress(bars))
     render_summary(result, Console())
+    root = "" if result.path.parent == Path("data") else f" --data-root {result.path.parent}"
+    print(f"next: moegpt train --data {result.path.name}{root}")

@@ -46,10 +46,11 @@ def render_header(console: Console, r: dict[str, Any]) -> None:
                   f"k={run['experts_per_token']:g}  MoE layers {run['moe_layers']}"
                   + ("" if run["causal"] else "  [yellow](non-causal variant)[/]"), highlight=False)
     console.print(f"{data['tokens']:,} {data['split']} tokens in {data['windows']} windows of {data['block_size']} "
+                  + (f"({data['sampling']}) " if data.get("sampling") else "") +
                   f"(batch {data['batch_size']}), eval mode: val CE [bold]{r['val_ce']:.4f}[/]{best}", highlight=False)
     if not data.get("fingerprint_matches_run", True):
-        console.print(f"[yellow]warning:[/] {data['data_dir']} was re-prepared since this run was trained; "
-                      "its tokens may differ from the run's data", highlight=False)
+        Console(stderr=True).print(f"[yellow]warning:[/] {data['data_dir']} was re-prepared since this run was "
+                                   "trained; its tokens may differ from the run's data", highlight=False)
 
 
 def render_summary(console: Console, r: dict[str, Any]) -> None:

@@ -8,28 +8,23 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from moegpt.cli import options as opt
 from moegpt.cli.app import OPTIONAL_VALUE_OPTIONS, app
 from moegpt.cli.palette import NO_EXPERT_STYLE, token_style
 from moegpt.config import precision_problem
-from moegpt.errors import MoegptError
-from moegpt.generate import (
-    LayerRouting,
-    Utf8StreamDecoder,
-    concat_routing,
-    generate_steps,
-    model_is_causal,
-    sampling_problems,
-)
-from moegpt.runs import LoadedRun, load_run
-from moegpt.runtime import autocast, resolve_device, resolve_precision
-from moegpt.tokenizer import Tokenizer
+from moegpt.errors import MoegptError, WriteFailed
+
+if TYPE_CHECKING:  # torch and the model load inside the command: `--help` must not wait for them
+
+    from moegpt.generate import LayerRouting
+    from moegpt.runs import LoadedRun
+    from moegpt.tokenizer import Tokenizer
 
 # `--show-routing` alone means the last MoE layer (see RunArg below for `--show-routing RUN`).
 OPTIONAL_VALUE_OPTIONS.setdefault("--show-routing", "last")
@@ -97,6 +92,8 @@ class SampleWriter:
     def __init__(self, console: Console | None, tok: Tokenizer, layer: int | None, stream: bool,
                  show_prompt: bool) -> None:
         self.console, self.layer, self.stream, self.show_prompt = console, layer, stream, show_prompt
+        from moegpt.generate import Utf8StreamDecoder
+
         self.decoder = Utf8StreamDecoder(tok)
         self.pieces: list[tuple[str, str]] = []  # (text, style) held until the end when not streaming
 
@@ -182,6 +179,7 @@ def sample_command(
                                "crop, slower).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda[:N], mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16 (autocast).")] = "auto",
+    threads: opt.Threads = "auto",
 ) -> None:
     """Generate text from a trained run: samples on stdout, warnings, legend and tokens/s on stderr.
 
@@ -191,6 +189,14 @@ def sample_command(
     on them). expert-choice and soft are not causal and recompute the window every step.
     Capacity-limited variants (switch) route one token per cached step, so none is dropped there.
     """
+    import torch
+
+    from moegpt.finite import naming_checkpoint
+    from moegpt.generate import concat_routing, generate_steps, model_is_causal, sampling_problems
+    from moegpt.runs import load_run
+    from moegpt.runtime import autocast, resolve_device, resolve_precision
+    from moegpt.threads import apply_threads
+
     if show_routing is not None and not is_layer_spec(show_routing) and run is None:
         run, show_routing = show_routing, "last"  # `--show-routing RUN`: the bare flag, then the run
     if run is None:
@@ -208,7 +214,11 @@ def sample_command(
     if routing_json is not None and not Path(routing_json).resolve().parent.is_dir():
         raise MoegptError(f"--routing-json {routing_json}: its folder does not exist")
     text = read_prompt(prompt, prompt_file)
+    if temperature == 0 and num_samples > 1:
+        print(f"note: --temperature 0 is greedy decoding: the {num_samples} samples will be identical",
+              file=sys.stderr)
 
+    n_threads = apply_threads(threads)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     loaded = load_run(run, dev)
@@ -245,7 +255,7 @@ def sample_command(
             (out.print if out else print)("---------------")
         writer = SampleWriter(out, tok, layer, stream, show_prompt=bool(text))
         ids, parts, t0 = [], [], time.perf_counter()
-        with autocast(dev, prec):
+        with autocast(dev, prec), naming_checkpoint(loaded.checkpoint, loaded.state.get("step")):
             for step in generate_steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator,
                                        use_cache, context_keep, capture_routing=capture):
                 step_ids = step.tokens_BT[0].tolist()
@@ -262,7 +272,8 @@ def sample_command(
         write_routing_json(Path(routing_json), loaded, use_cache, seed, samples)
     rate = generated / seconds if seconds > 0 else math.inf
     err.print(f"{generated} tokens in {seconds:.2f} s: {rate:,.1f} tokens/s "
-              f"({'KV cache' if use_cache else 'full recompute'}, {dev.type}, {prec}, seed {seed})", markup=False)
+              f"({'KV cache' if use_cache else 'full recompute'}, {dev.type}, {prec}, {n_threads} threads, "
+              f"seed {seed})", markup=False)
 
 
 def write_routing_json(path: Path, loaded: LoadedRun, use_cache: bool, seed: int, samples: list[dict]) -> None:
@@ -273,4 +284,4 @@ def write_routing_json(path: Path, loaded: LoadedRun, use_cache: bool, seed: int
     try:
         path.write_text(json.dumps(doc) + "\n")
     except OSError as err:
-        raise MoegptError(f"cannot write --routing-json {path}: {err.strerror or err}") from None
+        raise WriteFailed(f"cannot write --routing-json {path}: {err.strerror or err}") from None

@@ -8,17 +8,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from moegpt.cli import options as opt
 from moegpt.cli.app import app
 from moegpt.cli.load_view import MAX_WIDTH, LoadProgress
 from moegpt.cli.params import human
 from moegpt.errors import MoegptError, TrainingInterrupted
-from moegpt.moe import is_causal_variant
 from moegpt.presets import resolve_config
+from moegpt.resume import saved_config_path
 from moegpt.tensorboard_log import TensorBoardLogger, tensorboard_available
-from moegpt.train import Trainer
 
 Resume = Annotated[str | None, typer.Option(
     "--resume", metavar="[auto]",
@@ -26,11 +25,26 @@ Resume = Annotated[str | None, typer.Option(
          "there is none.")]
 
 
+def training_progress(console: Console, n_expert: int, **kwargs: Any) -> LoadProgress:
+    """Step counter and ETA first, then a bar, then the figures: at 80 columns the figures are cut first.
+    Per-layer load bars, when shown, are drawn below it."""
+    return LoadProgress(TextColumn("[bold blue]train"), MofNCompleteColumn(), TimeRemainingColumn(),
+                    BarColumn(bar_width=20), TextColumn("{task.fields[info]}", table_column=Column(
+                        no_wrap=True, overflow="ellipsis", ratio=1)),
+                    console=console, expand=True, n_expert=n_expert, **kwargs)
+
+
+def progress_info(p: dict[str, Any], last_val: float | None) -> str:
+    """The progress bar's figures, most important first (the end is cut on narrow terminals)."""
+    return (f"loss {p['loss_ce']:.3f}" + (f" val {last_val:.3f}" if last_val is not None else "")
+            + f" {p['tokens_per_s']:,.0f} tok/s lr {p['lr']:.2e} aux {p['loss'] - p['loss_ce']:.4f}")
+
+
 class TrainRenderer:
     """Turns trainer events into a live progress bar (terminal) or plain log lines (pipes, CI)."""
 
-    def __init__(self, console: Console, max_iters: int, show_load: bool | None = None):
-        self.console, self.max_iters = console, max_iters
+    def __init__(self, console: Console, max_iters: int, show_load: bool | None = None, threads: int | None = None):
+        self.console, self.max_iters, self.threads = console, max_iters, threads
         if not console.is_terminal:
             console.soft_wrap = True  # log lines stay whole in files and pipes
         self.interactive = console.is_terminal
@@ -57,7 +71,8 @@ class TrainRenderer:
         moe = "dense FFN" if not p["moe_layers"] else (
             f"{e['variant']} E={facts['n_expert']} k={facts['experts_per_token']:g}{capacity} act={e['activation']} "
             f"dispatch={e['dispatch']} MoE layers={p['moe_layers']}")
-        self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']} precision={p['precision']}"
+        threads = f" threads={self.threads}" if self.threads and p["device"] == "cpu" else ""
+        self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']}{threads} precision={p['precision']}"
                            + (f" ranks={p['world_size']}" if p["world_size"] > 1 else ""))
         self.console.print(f"model: L={m['n_layer']} d={m['n_embd']} heads={m['n_head']} T={m['block_size']} "
                            f"vocab={m['vocab_size']} | {moe}")
@@ -67,17 +82,16 @@ class TrainRenderer:
         if p["resumed_from"]:
             self.console.print(f"resumed from {p['resumed_from']} at step {p['start_step']}")
         if self.interactive:
-            self.progress = LoadProgress(
-                TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
-                n_expert=e["n_expert"])
+            self.progress = training_progress(self.console, n_expert=facts["n_expert"])
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.max_iters, completed=p["start_step"], info="")
 
+    def on_step(self, p: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=p["step"])
+
     def on_log(self, p: dict[str, Any]) -> None:
-        aux = p["loss"] - p["loss_ce"]
-        info = (f"loss {p['loss_ce']:.3f} aux {aux:.4f} lr {p['lr']:.2e} {p['tokens_per_s']:,.0f} tok/s"
-                + (f" val {self.last_val:.3f}" if self.last_val is not None else ""))
+        info = progress_info(p, self.last_val)
         if self.progress is not None:
             self.progress.update(self.task, completed=p["step"], info=info)
             if self.show_load:
@@ -154,13 +168,31 @@ def train_command(
     log: Annotated[str | None, typer.Option(
         "--log", metavar="tensorboard", help="Also log to TensorBoard under runs/NAME/tensorboard/ (needs the "
                                              "\\[tb] extra); metrics.jsonl is written either way.")] = None,
+    threads: opt.Threads = "auto",
+    runs_root: Annotated[str | None, typer.Option("--runs-root", help="Where run folders live (default runs).")] = None,
+    dropout: Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of the "
+                                                                              "matrices.")] = None,
+    beta2: Annotated[float | None, typer.Option("--beta2", help="AdamW beta2.")] = None,
+    grad_clip: Annotated[float | None, typer.Option("--grad-clip", help="Gradient norm clip; 0 = off.")] = None,
+    eval_iters: Annotated[int | None, typer.Option("--eval-iters", help="Validation batches per "
+                                                                        "evaluation.")] = None,
+    lr_decay_iters: Annotated[int | None, typer.Option(
+        "--lr-decay-iters", help="Step where the cosine decay reaches its floor (0 = max-iters).")] = None,
+    min_lr_ratio: Annotated[float | None, typer.Option("--min-lr-ratio", help="Floor of the cosine decay, as a "
+                                                                              "fraction of --lr.")] = None,
 ) -> None:
     """Train a model and write runs/NAME/ (config.toml, metrics.jsonl, ckpt/).
 
     Config precedence: --preset, then --config FILE, then the flags you pass, then --set. With no
     arguments it trains the default CPU MoE (8 experts, top-2) on the built-in corpus, preparing it
-    on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume.
+    on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume, which starts from the
+    run's saved config (flags given with it change only what resuming allows).
     """
+    from moegpt.moe import is_causal_variant  # here, not at import: `--help` must not wait for torch
+    from moegpt.threads import apply_threads
+    from moegpt.train import Trainer
+
     flags = opt.model_flags(moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden,
                             activation=activation, capacity_factor=capacity_factor, dispatch=dispatch,
                             n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
@@ -168,7 +200,10 @@ def train_command(
                   "train.max_iters": max_iters, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                   "train.lr": lr, "train.warmup_iters": warmup_iters, "train.eval_interval": eval_interval,
                   "train.log_interval": log_interval, "train.ckpt_interval": ckpt_interval, "train.seed": seed,
-                  "train.device": device, "train.precision": precision, "train.compile": compile_})
+                  "train.device": device, "train.precision": precision, "train.compile": compile_,
+                  "train.runs_root": runs_root, "model.dropout": dropout, "train.weight_decay": weight_decay,
+                  "train.beta2": beta2, "train.grad_clip": grad_clip, "train.eval_iters": eval_iters,
+                  "train.lr_decay_iters": lr_decay_iters, "train.min_lr_ratio": min_lr_ratio})
     if resume not in (None, "yes", "auto"):
         raise MoegptError(f"--resume takes no value or 'auto' (got {resume!r})")
     if log not in (None, "tensorboard"):
@@ -176,11 +211,14 @@ def train_command(
     if log and not tensorboard_available():
         raise MoegptError("--log tensorboard needs the tensorboard package: pip install 'moegpt[tb]'")
     cfg = resolve_config(preset, config, flags, set_)
+    if resume is not None and config is None and (saved := saved_config_path(cfg)) is not None:
+        cfg = resolve_config(preset, str(saved), flags, set_)  # the run's own config is the base
     console = Console()
     if not is_causal_variant(cfg.moe.variant):
-        console.print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later tokens of the "
-                      "batch, so its training loss is optimistic and generation differs from training")
-    renderer = TrainRenderer(console, cfg.train.max_iters, show_load)
+        Console(stderr=True).print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later "
+                                   "tokens of the batch, so its training loss is optimistic and generation differs "
+                                   "from training")
+    renderer = TrainRenderer(console, cfg.train.max_iters, show_load, threads=apply_threads(threads))
     callbacks = [renderer] + ([TensorBoardLogger()] if log else [])
 
     def on_event(kind: str, payload: dict[str, Any]) -> None:
@@ -192,8 +230,9 @@ def train_command(
     except TrainingInterrupted as stop:
         renderer.stop()
         where = f"checkpoint saved: {stop.checkpoint}; " if stop.checkpoint else ""
+        runs_root = "" if cfg.train.runs_root == "runs" else f" --runs-root {cfg.train.runs_root}"
         print(f"moegpt: interrupted (signal {stop.signum}); {where}continue with "
-              f"`moegpt train --name {cfg.train.name} --resume`", file=sys.stderr)
+              f"`moegpt train --name {cfg.train.name}{runs_root} --resume`", file=sys.stderr)
         raise typer.Exit(128 + stop.signum) from None
     finally:
         renderer.stop()

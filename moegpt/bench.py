@@ -36,6 +36,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default").lower(),
             "python": platform.python_version()}
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -36,7 +36,7 @@ from typing import BinaryIO
 import torch
 
 from moegpt.digest import file_sha256
-from moegpt.errors import MoegptError
+from moegpt.errors import MoegptError, WriteFailed
 from moegpt.signals import stop_signals_handled
 
 CKPT_SUFFIX = ".pt"
@@ -194,7 +194,8 @@ def _write_atomic(path: Path, header: bytes, payload: memoryview) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise MoegptError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from exc
+        raise WriteFailed(f"cannot write checkpoint {path}: {exc.strerror or exc}; earlier checkpoints are "
+                          "intact") from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

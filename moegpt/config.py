@@ -16,7 +16,11 @@ from typing import Any, get_type_hints
 import tomli_w
 
 from moegpt.errors import MoegptError
+from moegpt.safe_io import write_text_atomic
 
+# The one list of each (torch-free, so the CLI's --help can show them without importing torch).
+ACTIVATIONS = ("swiglu", "gelu", "relu", "linear")
+DISPATCH_BACKENDS = ("sorted", "bucketed", "padded", "grouped", "loop")  # the default first
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -240,7 +244,7 @@ class RunConfig:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
+        write_text_atomic(path, self.to_toml())
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

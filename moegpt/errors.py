@@ -13,6 +13,18 @@ class TrainingDiverged(MoegptError):
     exit_code = 3
 
 
+class WriteFailed(MoegptError):
+    """A file could not be written (disk full, I/O error, no permission); earlier output is intact (exit 1)."""
+
+    exit_code = 1
+
+
+class NonFiniteOutput(MoegptError):
+    """A model produced NaN or infinite values (finite weights can still overflow); exit 1."""
+
+    exit_code = 1
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. The CLI exits 128 + signal number."""
 

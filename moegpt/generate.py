@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from moegpt.errors import MoegptError
+from moegpt.finite import check_logits
 from moegpt.inspect.stats import top1_of_choices
 from moegpt.moe import is_causal_variant
 from moegpt.moe.stats import generating
@@ -259,6 +260,7 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
             yield GenerationStep(seq_BL[:, L - 1:L], _capture(out.router_stats, B, 1), False)
         if L == seq_BL.shape[1]:
             break
+        check_logits(out.logits[:, -1, :], f"at generated token {L - T0 + 1}")
         seq_BL[:, L] = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
         L += 1
         if not capture:

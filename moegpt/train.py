@@ -31,14 +31,17 @@ from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
 from moegpt.inspect.stats import layer_summary
 from moegpt.model import GPT, aux_losses
 from moegpt.moe import layer_facts
+from moegpt.resume import keep_decay_horizon
+from moegpt.runlock import RunLock
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
+from moegpt.safe_io import append_line, read_jsonl, write_text_atomic
 from moegpt.signals import stop_signals_handled
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
 # train-section keys a resumed run may change; everything else must match the checkpoint
 RESUMABLE_TRAIN_KEYS = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                        "keep_ckpts", "device", "compile", "name", "runs_root"}
+                        "keep_ckpts", "device", "compile", "name", "runs_root", "lr_decay_iters"}
 FAULT_NAN_ENV = "MOEGPT_FAULT_NAN_AT_STEP"  # test hook: make the loss NaN at this (1-based) step
 
 
@@ -116,6 +119,7 @@ class Trainer:
         self.device = device_for_rank(self.dist, cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self._signal: int | None = None
+        self._run_lock: RunLock | None = None
 
     def emit(self, kind: str, **payload: Any) -> None:
         if self.dist.is_main:
@@ -139,6 +143,16 @@ class Trainer:
         self.cfg.model.vocab_size = ds.vocab_size  # the data decides the vocabulary
         return ds
 
+    def _locked_run_dir(self) -> Path:
+        """The run folder, locked by rank 0 before anything in it is read or touched."""
+        t = self.cfg.train
+        if self.dist.is_main and t.name:
+            self._run_lock = RunLock.acquire(Path(t.runs_root) / t.name)
+        run_dir = resolve_run_dir(self.cfg, self.resume)
+        if self.dist.is_main and self._run_lock is None:
+            self._run_lock = RunLock.acquire(run_dir)
+        return run_dir
+
     # ---- main loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         with self._signal_handlers():
@@ -148,6 +162,9 @@ class Trainer:
                 with contextlib.suppress(Exception):  # the original error is the one to report
                     self._leave_process_group(clean=False)
                 raise
+            finally:
+                if self._run_lock is not None:
+                    self._run_lock.release()
             self._leave_process_group(clean=True)
             return summary
 
@@ -170,7 +187,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         ds = self._load_data()
         data_dir = Path(cfg.data.data_root) / cfg.data.name
-        run_dir = resolve_run_dir(cfg, self.resume)
+        run_dir = self._locked_run_dir()
         cfg.train.name = run_dir.name
         manager = CheckpointManager(run_dir, keep=t.keep_ckpts)
         torch.manual_seed(t.seed)
@@ -188,6 +205,8 @@ class Trainer:
             diffs = config_differences(state["config"], cfg.to_dict())
             if diffs:
                 raise MoegptError(f"cannot resume {latest}: config differs from the checkpoint's: {'; '.join(diffs)}")
+            if note := keep_decay_horizon(cfg, state["config"]):
+                self.emit("note", message=note)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
@@ -277,6 +296,7 @@ class Trainer:
             train_s += time.perf_counter() - step_start
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
+            self.emit("step", step=step)  # progress bars move every step, not only at log records
 
             if step % t.log_interval == 0 or step == t.max_iters:
                 now = time.perf_counter()
@@ -330,8 +350,7 @@ class Trainer:
 
     def _write_metrics(self, path: Path, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(path, json.dumps(record))
 
     def _ranks_in_sync(self, model: GPT) -> bool:
         if not self.dist.enabled:
@@ -380,12 +399,12 @@ def _has_checkpoints(run_dir: Path) -> bool:
 
 
 def _truncate_metrics(path: Path, keep_through_step: int) -> None:
-    """Drop records after the resume step (a run killed after its last checkpoint logged more)."""
+    """Drop records after the resume step (a run killed after its last checkpoint logged more), and a
+    last line torn by a kill or a full disk."""
     if not path.exists():
         return
     if keep_through_step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= keep_through_step]
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -146,3 +146,19 @@ def test_existing_output_is_untouched_without_force(tmp_path):
     assert runner.invoke(app, [*args, "--seed", "5", "--force"]).exit_code == 0
     assert json.loads((out / "meta.json").read_text())["split"]["seed"] == 5
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["src-char"]  # no temp or old folders
+
+
+def test_single_file_counts_and_next_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from moegpt.cli.main import app
+
+    source = tmp_path / "one.txt"
+    source.write_text("".join(f"line {i} of the only document\n" for i in range(400)))
+    result = CliRunner().invoke(app, ["prepare", "--source", str(source), "--tokenizer", "char",
+                                      "--data-root", str(tmp_path / "d")], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    total = next(line for line in result.stdout.splitlines() if "total" in line)
+    assert total.split("│")[2].strip() == "1", total  # one document, not one per split
+    assert "part of 1" in result.stdout and "cut at a line end" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == f"next: moegpt train --data one-char --data-root {tmp_path / 'd'}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
-from moegpt.errors import MoegptError
+from moegpt.errors import MoegptError, WriteFailed
+from moegpt.safe_io import write_bytes
 
 
 def require_matplotlib() -> None:
@@ -44,9 +46,11 @@ def write_heatmap_png(report: dict[str, Any], path: str | Path) -> Path:
     fig.tight_layout()
     out = Path(path)
     try:
-        fig.savefig(out, dpi=120)
+        image_png = io.BytesIO()  # rendered in memory: matplotlib can leave a write failure unreported
+        fig.savefig(image_png, format="png", dpi=120)
+        write_bytes(out, image_png.getvalue())
     except OSError as exc:
-        raise MoegptError(f"--png: cannot write {out}: {exc.strerror or exc}") from None
+        raise WriteFailed(f"--png: cannot write {out}: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
     return out

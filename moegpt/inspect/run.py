@@ -17,9 +17,11 @@ import torch
 from moegpt.checkpoint import checkpoint_hash
 from moegpt.data import TokenDataset
 from moegpt.errors import MoegptError
+from moegpt.finite import check_evaluation
+from moegpt.heldout import route_held_out
 from moegpt.inspect.causality import probe_causality
 from moegpt.inspect.history import training_history
-from moegpt.inspect.report import build_layer_reports, collect_routing, route_text
+from moegpt.inspect.report import build_layer_reports, route_text
 from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION
 from moegpt.moe import layer_facts, variant_spec
 from moegpt.runs import LoadedRun, load_run
@@ -94,7 +96,9 @@ def run_report(run: LoadedRun, path: str | Path, opts: InspectOptions, decode: b
     same_data = fingerprint == str(run.state.get("data_ref", {}).get("fingerprint", ""))
     block = run.config.model.block_size
     batch = opts.batch_size or run.config.train.batch_size
-    collected = collect_routing(run.model, ids, batch, block)
+    collected, ids, sampling = route_held_out(run.model, TokenDataset(data_dir).tokens(opts.split), opts.tokens,
+                                              batch, block)
+    check_evaluation(collected.ce, run.model, ids, run.checkpoint, run.state.get("step"))
     tok = run.tokenizer() if decode and run.model.moe_layers else None
     notes = list(variant_spec(run.config.moe.variant).report_notes)
     layers = build_layer_reports(collected.accumulator, notes, opts.dead_threshold,
@@ -103,7 +107,7 @@ def run_report(run: LoadedRun, path: str | Path, opts: InspectOptions, decode: b
     return {"run": _run_info(run, path),
             "data": {"data_dir": str(data_dir), "split": opts.split, "tokens": collected.tokens,
                      "block_size": block, "batch_size": batch, "windows": math.ceil(collected.tokens / block),
-                     "fingerprint_matches_run": same_data},
+                     "fingerprint_matches_run": same_data, "sampling": sampling},
             "val_ce": round(collected.ce, 6), **layers}
 
 

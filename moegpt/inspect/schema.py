@@ -11,7 +11,8 @@ Top level
                         experts_per_token (routed experts a token runs through, from the variant's spec),
                         capacity_factor, step, best_val_ce (the checkpoint's best eval CE, null if none), causal}
   data                 {data_dir, split, tokens (positions routed), block_size, batch_size, windows,
-                        fingerprint_matches_run (false: the data folder was re-prepared since training)}
+                        fingerprint_matches_run (false: the data folder was re-prepared since training),
+                        sampling (which tokens: "the whole split", or random windows spread over it)}
   val_ce               mean cross-entropy (nats) of the model on exactly these tokens
   dead_threshold       an expert is dead when load_before_drops < dead_threshold / n_expert
   layers               [layer object], one per MoE layer (only --layer's when given)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
 from moegpt.moe.experts import ExpertBank, activate, mlp_apply
 from moegpt.moe.sorted_experts import sorted_experts
 
-# every backend (the default first): the one list that config validation, the CLI's help and the benches use
-BACKENDS = ("sorted", "bucketed", "padded", "grouped", "loop")
+BACKENDS = DISPATCH_BACKENDS
 BUCKET_ROWS = 64
 # Inference on a handful of assignments (one generated token): running each assignment on its
 # expert's weights directly costs a few ops instead of a sort, a host sync and a loop over experts.

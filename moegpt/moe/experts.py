@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = ("swiglu", "gelu", "relu", "linear")
+from moegpt.config import ACTIVATIONS  # noqa: F401  (re-exported by moegpt.moe)
 
 
 def in_width(activation: str, n_embd: int, hidden: int) -> int:

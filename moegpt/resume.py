@@ -1,0 +1,42 @@
+"""What a resumed run starts from: the run's own saved config, and its learning-rate schedule.
+
+A resume takes the run's saved `config.toml` as its base (data, model, MoE, optimisation), so `moegpt
+train --name X --resume` works as printed for a run on any corpus; flags given with it override only
+what they name, and the trainer still refuses changes that resuming does not allow. A longer or shorter
+`max_iters` on resume keeps the cosine decay's saved horizon, unless `train.lr_decay_iters` is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moegpt.config import RunConfig
+
+CONFIG_NAME = "config.toml"
+
+
+def saved_config_path(cfg: RunConfig) -> Path | None:
+    """runs_root/<name>/config.toml of the run a resume would continue, when it exists."""
+    name = cfg.train.name or cfg.moe.variant  # an unnamed resume continues runs/<variant>
+    path = Path(cfg.train.runs_root) / name / CONFIG_NAME
+    return path if path.is_file() else None
+
+
+def keep_decay_horizon(cfg: RunConfig, saved: dict[str, Any]) -> str | None:
+    """Keep the checkpoint's cosine horizon when only max_iters changed; a note saying what happened."""
+    saved_train = saved.get("train", {})
+    saved_horizon = int(saved_train.get("lr_decay_iters") or saved_train.get("max_iters") or 0)
+    t = cfg.train
+    if not saved_horizon:
+        return None
+    if t.lr_decay_iters:
+        if t.lr_decay_iters == saved_horizon:
+            return None
+        return (f"note: the cosine learning-rate decay now ends at step {t.lr_decay_iters} "
+                f"(it ended at step {saved_horizon})")
+    if t.max_iters == saved_horizon:
+        return None
+    t.lr_decay_iters = saved_horizon
+    return (f"note: max_iters changed from {saved_train.get('max_iters')} to {t.max_iters}; the learning rate "
+            f"keeps its cosine decay to step {saved_horizon} (set train.lr_decay_iters to reshape it)")
