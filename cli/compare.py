@@ -18,7 +18,6 @@ from moegpt.cli.app import app
 from moegpt.cli.compare_charts import X_AXES, render_sparklines, require_matplotlib, write_compare_png
 from moegpt.compare import DISPLAY_DIGITS, SORT_KEYS, leaderboard
 from moegpt.errors import MoegptError
-from moegpt.run_metrics import read_runs
 
 FORMATS = ("table", "json", "csv")
 CSV_COLUMNS = ("group", "rank", "tied", "run", "variant", "n_expert", "experts_per_token", "params_active",
@@ -167,6 +166,8 @@ def compare_command(
         raise MoegptError(f"--x must be all, {', '.join(X_AXES)} (got {x!r})")
     if png is not None:
         require_matplotlib()
+    from moegpt.run_metrics import read_runs  # here, not at import: `--help` must not wait for torch
+
     found, warnings = read_runs(list(runs or []), runs_root)
     for message in warnings:
         warn(message)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from moegpt.compare import interpolate
 from moegpt.errors import MoegptError
 from moegpt.inspect.plot import require_matplotlib
-from moegpt.run_metrics import RunRecord
+
+if TYPE_CHECKING:  # run_metrics imports torch; `moegpt compare --help` must not
+    from moegpt.run_metrics import RunRecord
 
 X_AXES = ("steps", "tokens", "time")
 AXIS_KEYS = {"steps": "step", "tokens": "tokens", "time": "train_s"}

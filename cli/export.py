@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from moegpt.cli.app import app
 from moegpt.errors import MoegptError
-from moegpt.export import export_run
-from moegpt.export.writer import ExportExists
-from moegpt.runs import load_run
 
 FORMATS = ("hf",)
 
@@ -54,9 +50,13 @@ def export_command(
 
     Load it with AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
     """
+    from moegpt.export import export_run  # here, not at import: `--help` must not wait for torch
+    from moegpt.export.writer import ExportExists
+    from moegpt.runs import load_run
+
     if format_ not in FORMATS:
         raise MoegptError(f"--format: unknown format {format_!r}; valid: {', '.join(FORMATS)}")
-    loaded = load_run(run, torch.device("cpu"))
+    loaded = load_run(run, "cpu")
     checker, reports = None, []
     if check:
         from moegpt.export.verify import import_transformers, verify_export

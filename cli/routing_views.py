@@ -11,7 +11,6 @@ from rich.text import Text
 
 from moegpt.cli.palette import EXPERT_PALETTE, expert_style, token_style
 from moegpt.inspect.history import sparkline
-from moegpt.moe import VARIANTS, variant_spec
 
 # Sequential scale (viridis) for load relative to the uniform share: 0 .. >= 2x fair share.
 SCALE = ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
@@ -75,7 +74,9 @@ def render_summary(console: Console, r: dict[str, Any]) -> None:
 
 def render_extras(console: Console, variant: str, layers: list[dict[str, Any]]) -> None:
     """The variant's declared statistics, on their own lines: extra columns would not fit 80 terminal columns."""
-    declared = variant_spec(variant).extra_stats if variant in VARIANTS else ()
+    from moegpt.moe import VARIANTS  # here, not at import: `--help` must not wait for torch
+
+    declared = VARIANTS[variant].extra_stats if variant in VARIANTS else ()
     for extra in declared:
         values = [(x["layer"], x["extras"].get(extra.key)) for x in layers]
         if extra.kind == "token_mean" and any(v is not None for _, v in values):

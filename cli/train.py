@@ -25,7 +25,7 @@ Resume = Annotated[str | None, typer.Option(
          "there is none.")]
 
 
-def training_progress(console: Console, n_expert: int, **kwargs: Any) -> LoadProgress:
+def training_progress(console: Console, n_expert: int = 1, **kwargs: Any) -> LoadProgress:
     """Step counter and ETA first, then a bar, then the figures: at 80 columns the figures are cut first.
     Per-layer load bars, when shown, are drawn below it."""
     return LoadProgress(TextColumn("[bold blue]train"), MofNCompleteColumn(), TimeRemainingColumn(),

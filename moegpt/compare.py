@@ -13,11 +13,12 @@ Two values tie when they are equal at the precision the table shows (DISPLAY_DIG
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moegpt.errors import MoegptError
-from moegpt.moe import experts_per_token, moe_layer_indices
-from moegpt.run_metrics import RunRecord
+
+if TYPE_CHECKING:  # run_metrics and the registry import torch; `moegpt compare --help` must not
+    from moegpt.run_metrics import RunRecord
 
 SCHEMA = "moegpt.compare-leaderboard v1"
 
@@ -84,6 +85,8 @@ def _end_of_training(run: RunRecord) -> dict[str, Any]:
 
 def leaderboard_row(run: RunRecord, equal_step: int | None, equal_train_s: float | None) -> dict[str, Any]:
     """Every column of one run's row (None = not available); notes say why a value is missing."""
+    from moegpt.moe import experts_per_token, moe_layer_indices
+
     moe, last = run.config.moe, run.last
     routed = bool(moe_layer_indices(moe, run.config.model.n_layer))
     steps, vals = val_curve(run, "step")

@@ -7,7 +7,6 @@ from typing import Any
 
 from moegpt.config import RunConfig, apply_override, read_toml, section_from_dict
 from moegpt.errors import MoegptError
-from moegpt.moe import validate_run_config
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default: a MoE (8 experts, top-2, experts sized for equal active params with the dense
@@ -80,5 +79,7 @@ def resolve_config(preset: str = "cpu", config_path: str | None = None,
         setattr(cfg, section, section_from_dict(type(target), values, section))
     for assignment in sets or []:
         apply_override(cfg, assignment)
+    from moegpt.moe import validate_run_config  # the registry imports torch: not needed for `--help`
+
     return validate_run_config(cfg)
 

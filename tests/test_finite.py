@@ -13,6 +13,7 @@ from moegpt.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoi
 from moegpt.cli.main import app
 from moegpt.errors import NonFiniteOutput
 from moegpt.finite import first_non_finite
+from moegpt.generate import generate
 from moegpt.runs import load_run
 
 runner = CliRunner()
@@ -50,5 +51,5 @@ def test_inspect_routing_names_the_layer(overflowing):
 def test_library_generation_raises(overflowing):
     model = load_run(overflowing).model
     with pytest.raises(NonFiniteOutput, match="generated token 1"):
-        model.generate([1, 2, 3], max_new_tokens=3, temperature=0)
+        generate(model, [1, 2, 3], max_new_tokens=3, temperature=0)
     assert first_non_finite(model, torch.tensor([[1, 2, 3]])) == "layer 1 (MoE)"

@@ -280,6 +280,12 @@ def _windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
+def accumulator_for(model: torch.nn.Module) -> RoutingAccumulator:
+    """An empty accumulator for the model's MoE layers, counting the statistics its variant declares."""
+    extra_stats = variant_spec(model.moe_config.variant).extra_stats
+    return RoutingAccumulator(model.moe_layers, model.moe_config.n_expert, model.config.vocab_size, extra_stats)
+
+
 def collect_routing(model: torch.nn.Module, token_ids: np.ndarray | Tensor, batch_size: int, block_size: int,
                     device: torch.device | str | None = None) -> Collected:
     """Run `model` in eval mode over non-overlapping windows of `token_ids` (1-D; the last id is only a
@@ -291,9 +297,7 @@ def collect_routing(model: torch.nn.Module, token_ids: np.ndarray | Tensor, batc
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cfg = model.config
-    spec = variant_spec(model.moe_config.variant)
-    acc = RoutingAccumulator(model.moe_layers, model.moe_config.n_expert, cfg.vocab_size, spec.extra_stats)
+    acc = accumulator_for(model)
     windows = _windows(n, block_size)
     full = [w for w in windows if w[1] == block_size]
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + \

@@ -18,8 +18,8 @@ from moegpt.checkpoint import checkpoint_hash
 from moegpt.data import TokenDataset
 from moegpt.errors import MoegptError
 from moegpt.finite import check_evaluation
-from moegpt.heldout import route_held_out
 from moegpt.inspect.causality import probe_causality
+from moegpt.inspect.heldout import route_held_out
 from moegpt.inspect.history import training_history
 from moegpt.inspect.report import build_layer_reports, route_text
 from moegpt.inspect.schema import SCHEMA_NAME, SCHEMA_VERSION

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moegpt.inspect.report import Collected, RoutingAccumulator, collect_routing
+from moegpt.inspect.report import Collected, accumulator_for, collect_routing
 
 SAMPLE_SEED = 0
 WHOLE_SPLIT = "the whole split"
@@ -32,7 +32,7 @@ def sample_windows(data: np.ndarray, n_tokens: int, block_size: int, seed: int =
 def collect_windows(model: torch.nn.Module, windows: list[np.ndarray], batch_size: int) -> Collected:
     """Route and score each window (inputs w[:-1], targets w[1:]); windows of one length batch together."""
     device = next(model.parameters()).device
-    acc = RoutingAccumulator(model.moe_layers, model.moe_config.n_expert, model.config.vocab_size)
+    acc = accumulator_for(model)
     by_length: dict[int, list[np.ndarray]] = {}
     for window in windows:
         by_length.setdefault(len(window), []).append(window)
