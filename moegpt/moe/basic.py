@@ -9,6 +9,8 @@ from moegpt.moe.routing import TokenChoiceMoE
 
 
 class BasicMoE(TokenChoiceMoE):
+    expert_parallel_ok = False  # every token runs every expert: sharding would send every token everywhere
+
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg, top_k=moe_cfg.n_expert)
         self.capacity_factor = 0.0  # nothing to drop: every expert takes every token

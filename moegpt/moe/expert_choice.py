@@ -17,6 +17,7 @@ from moegpt.moe.stats import RouterStats
 
 
 class ExpertChoiceMoE(TokenChoiceMoE):
+    expert_parallel_ok = False  # experts pick tokens over the whole batch: no per-token routing to shard
     is_causal = False
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
