@@ -138,6 +138,10 @@ def train_command(
                                                                       "and losses stay fp32).")] = None,
     compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     resume: Resume = None,
+    expert_parallel: Annotated[int | None, typer.Option(
+        "--expert-parallel", help="Split each MoE layer's experts over this many processes (launch with torchrun; "
+                                  "must divide the process count and n_expert). --batch-size is then the global "
+                                  "batch, split over all processes.")] = None,
 ) -> None:
     """Train a model and write runs/NAME/ (config.toml, metrics.jsonl, ckpt/).
 
@@ -152,7 +156,8 @@ def train_command(
                   "train.max_iters": max_iters, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                   "train.lr": lr, "train.warmup_iters": warmup_iters, "train.eval_interval": eval_interval,
                   "train.log_interval": log_interval, "train.ckpt_interval": ckpt_interval, "train.seed": seed,
-                  "train.device": device, "train.precision": precision, "train.compile": compile_})
+                  "train.device": device, "train.precision": precision, "train.compile": compile_,
+                  "train.expert_parallel": expert_parallel})
     if resume not in (None, "yes", "auto"):
         raise MoegptError(f"--resume takes no value or 'auto' (got {resume!r})")
     cfg = resolve_config(preset, config, flags, set_)

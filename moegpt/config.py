@@ -189,6 +189,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    # Processes that split each MoE layer's experts (torchrun); 1 = every process holds every expert.
+    # With it > 1, batch_size is the global batch, split evenly over all processes.
+    expert_parallel: int = 1
 
     def problems(self) -> list[str]:
         out = []
@@ -210,6 +213,8 @@ class TrainConfig:
             out.append(f"train.device must be auto, cpu, cuda[:N] or mps (got {self.device!r})")
         if self.precision not in ("auto", "fp32", "bf16"):
             out.append(f"train.precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if self.expert_parallel < 1:
+            out.append(f"train.expert_parallel must be >= 1 (got {self.expert_parallel})")
         return out
 
 

@@ -15,13 +15,20 @@ the single-process loss on the concatenated batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moegpt.moe.expert_parallel import ExpertParallelGroup, shard_bank, supports_expert_parallel
+from moegpt.config import RunConfig
+from moegpt.errors import MoegptError
+from moegpt.model import GPTOutput
+from moegpt.moe import VARIANTS, RouterStats
+from moegpt.moe.expert_parallel import ExpertParallelGroup, check_expert_parallel, shard_bank, supports_expert_parallel
+
+ROUTING_FACTS = ("expert_idx_NK", "expert_weight_NK", "dropped_NK", "router_probs_NE", "router_logits_NE")
 
 
 class ExpertParallel:
@@ -30,6 +37,7 @@ class ExpertParallel:
     def __init__(self, model: nn.Module, ep_size: int, world_size: int, rank: int):
         self.model, self.size, self.world_size, self.rank = model, ep_size, world_size, rank
         self.device = next(model.parameters()).device  # nccl reduces device tensors only
+        self.full_params = model.num_params()  # what the unsharded model counts, for reports
         self.ep_group, self.replica_group = _new_groups(ep_size, world_size, rank)
         self.group = ExpertParallelGroup(group=self.ep_group, rank=rank % ep_size, size=ep_size,
                                          world_group=None, world_size=world_size)
@@ -50,6 +58,20 @@ class ExpertParallel:
         """This rank's rows of a global batch (rank r takes the r-th of W equal slices)."""
         n = batch.shape[0] // self.world_size
         return batch[self.rank * n:(self.rank + 1) * n]
+
+    def global_output(self, out: GPTOutput) -> GPTOutput:
+        """This rank's forward output as one process on the global batch would report it (for logs):
+        cross-entropy averaged over ranks, each layer's routing facts gathered in rank order."""
+        ce = out.loss.detach().clone()
+        dist.all_reduce(ce)
+        return GPTOutput(out.logits, ce / self.world_size, [self._gather_stats(s) for s in out.router_stats])
+
+    def _gather_stats(self, stats: RouterStats) -> RouterStats:
+        if not stats.is_routed:
+            return stats
+        facts = {name: _gather_rows(getattr(stats, name), self.world_size) for name in ROUTING_FACTS
+                 if getattr(stats, name) is not None}
+        return dataclasses.replace(stats, **facts)
 
     # ---- gradients ------------------------------------------------------------------------------
     def sync_gradients(self) -> None:
@@ -159,6 +181,13 @@ def _sum_in_place(grads: list[Tensor], group: dist.ProcessGroup | None) -> None:
                                                                strict=True)])
 
 
+def _gather_rows(t: Tensor, world_size: int) -> Tensor:
+    sendable = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # gloo has no bool collectives
+    parts = [torch.empty_like(sendable) for _ in range(world_size)]
+    dist.all_gather(parts, sendable)
+    return torch.cat(parts).to(t.dtype)
+
+
 def _same_everywhere(params: Iterable[Tensor], group: dist.ProcessGroup | None, size: int) -> bool:
     params = list(params)
     if size <= 1 or not params:
@@ -167,3 +196,18 @@ def _same_everywhere(params: Iterable[Tensor], group: dist.ProcessGroup | None, 
     gathered = [torch.zeros_like(checksum) for _ in range(size)]
     dist.all_gather(gathered, checksum, group=group)
     return all(bool(torch.equal(g, gathered[0])) for g in gathered)
+
+
+def check_expert_parallel_run(cfg: RunConfig, world_size: int) -> None:
+    """Refuse a run that cannot be sharded as configured (before any data is read or file written)."""
+    t = cfg.train
+    if t.expert_parallel <= 1:
+        return
+    check_expert_parallel(VARIANTS[cfg.moe.variant], cfg.moe.variant, cfg.moe.n_expert, t.expert_parallel,
+                          world_size)
+    if t.batch_size % world_size:
+        raise MoegptError(f"batch_size ({t.batch_size}) is the global batch under expert parallelism and must be "
+                          f"divisible by the number of processes ({world_size})")
+    if t.compile:
+        raise MoegptError("torch.compile is not supported with expert parallelism (its all-to-alls have "
+                          "data-dependent sizes)")
