@@ -251,5 +251,6 @@ def bench_ep_command(
     dev = resolve_device(device)
     result = bench_expert_parallel(cfg, ps, steps, rounds, device=dev.type)
     render(result, fmt, "moegpt bench ep (training step, median over rounds)",
-           ["P", "threads_per_process", "ms_per_step", "tokens_per_s", "ratio_to_first", "exchange_share",
+           ["P", "threads_per_process", "ms_per_step", "ms_per_step_range", "tokens_per_s", "ratio_to_first",
+            "exchange_share",
             "bytes_per_step"])

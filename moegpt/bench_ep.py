@@ -3,7 +3,8 @@
 Each P > 1 runs in its own group of P processes (a process group cannot change size), started here with
 torch.multiprocessing and a file rendezvous (P = 1 runs in this process), so sizes cannot be interleaved
 step by step inside one process as the other benchmarks are; instead every size runs once per round,
-rounds alternate sizes, and medians over rounds are reported. Every process gets threads // P intra-op
+rounds alternate sizes, and medians over rounds are reported (ratio_to_first: the median over rounds of
+the first size's step time over this size's, within a round). Every process gets threads // P intra-op
 threads (at least one; threads: this process's torch.get_num_threads()), so all sizes use the same cores
 where they can. Steps are the trainer's (forward, backward, gradient sums, clip, AdamW) on the same
 global batch at every P.
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moegpt.bench import machine_info
+from moegpt.bench import machine_info, paired_ratio
 from moegpt.config import RunConfig
 from moegpt.model import GPT, aux_losses
 from moegpt.parallel import ExpertParallel, check_expert_parallel_run
@@ -37,14 +38,16 @@ def bench_expert_parallel(cfg: RunConfig, sizes: list[int], steps: int, rounds: 
     for _ in range(rounds):
         for p in sizes:
             samples[p].append(_launch(cfg, p, steps, warmup, device))
-    base = statistics.median(s["step_s"] for s in samples[sizes[0]])
+    base = [s["step_s"] for s in samples[sizes[0]]]
     tokens = cfg.train.batch_size * cfg.model.block_size
     rows = []
     for p in sizes:
         step_s = statistics.median(s["step_s"] for s in samples[p])
+        spread = [round(f(s["step_s"] for s in samples[p]) * 1e3, 2) for f in (min, max)]
         rows.append({"P": p, "threads_per_process": max(1, torch.get_num_threads() // p),
-                     "ms_per_step": round(step_s * 1e3, 2), "tokens_per_s": round(tokens / step_s, 1),
-                     "ratio_to_first": round(base / step_s, 3),
+                     "ms_per_step": round(step_s * 1e3, 2), "ms_per_step_range": spread,
+                     "tokens_per_s": round(tokens / step_s, 1),
+                     "ratio_to_first": round(paired_ratio(base, [s["step_s"] for s in samples[p]]), 3),
                      "exchange_share": round(statistics.median(s["exchange_share"] for s in samples[p]), 3),
                      "bytes_per_step": int(statistics.median(s["bytes_per_step"] for s in samples[p]))})
     return {"machine": machine_info(torch.device(device)), "batch_size": cfg.train.batch_size,

@@ -76,12 +76,18 @@ class ExpertParallel:
     # ---- gradients ------------------------------------------------------------------------------
     def sync_gradients(self) -> None:
         """Gradients of the single-process loss: sums over the ranks that hold each parameter, / W."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # a parameter with a gradient on some rank (an expert slice no token reached here, say) joins the
+        # sum with zeros; one with none anywhere keeps None, as in one process (AdamW then skips it)
+        has_grad = torch.tensor([p.grad is not None for _, p in named], dtype=torch.uint8, device=self.device)
+        dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
         shared, experts = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                if p.grad is None:  # a parameter no token reached on this rank still joins the sum
-                    p.grad = torch.zeros_like(p)
-                (experts if name in self.expert_params else shared).append(p.grad)
+        for (name, p), anywhere in zip(named, has_grad.tolist(), strict=True):
+            if not anywhere:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            (experts if name in self.expert_params else shared).append(p.grad)
         _sum_in_place(shared, None)
         if self.world_size > self.size:
             _sum_in_place(experts, self.replica_group)

@@ -13,6 +13,9 @@ import torch.multiprocessing as mp
 
 from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
+from moegpt.moe.dispatch import run_experts
+from moegpt.moe.expert_parallel import ExpertParallelGroup, expert_parallel_forward, shard_bank
+from moegpt.moe.experts import ExpertBank
 from moegpt.parallel import ExpertParallel
 from moegpt.train import build_optimizer
 
@@ -81,6 +84,34 @@ def _compare_variant(variant: str, rank: int, world: int, ep_size: int) -> dict[
     return worst
 
 
+def _compare_one_sided_layer(rank: int, world: int) -> dict[str, float]:
+    """Every choice goes to rank 0's experts (some empty): rank 1 receives no rows, yet forward and
+    backward meet in the same collectives and equal one process on all ranks' tokens."""
+    torch.manual_seed(0)
+    bank = ExpertBank(4, 8, 6, "swiglu")
+    torch.nn.init.normal_(bank.w_in, std=0.3)
+    torch.nn.init.normal_(bank.w_out, std=0.3)
+    sharded = copy.deepcopy(bank)
+    group = ExpertParallelGroup(group=None, rank=rank, size=world, world_group=None, world_size=world)
+    shard_bank(sharded, group)
+    n = 5
+    x_all = torch.randn(world * n, 8, requires_grad=True)
+    idx_all = torch.randint(0, 2, (world * n, 2))
+    idx_all[::3, 1] = -1
+    w_all = torch.rand(world * n, 2, requires_grad=True)
+    y_ref = run_experts(x_all, idx_all, w_all, bank, "sorted")
+    (y_ref.square().sum()).backward()
+    rows = slice(rank * n, (rank + 1) * n)
+    x, w = x_all.detach()[rows].clone().requires_grad_(), w_all.detach()[rows].clone().requires_grad_()
+    y = expert_parallel_forward(x, idx_all[rows], w, sharded, "sorted", group)
+    y.square().sum().backward()
+    experts = slice(rank * 2, rank * 2 + 2)
+    return {"y": float((y - y_ref[rows]).abs().max()), "x_grad": float((x.grad - x_all.grad[rows]).abs().max()),
+            "w_grad": float((w.grad - w_all.grad[rows]).abs().max()),
+            "expert_grad": 0.0 if sharded.w_in.grad is None else
+            float((sharded.w_in.grad - bank.w_in.grad[experts]).abs().max())}
+
+
 def _aux_free(model) -> list:
     return [m for m in model.modules() if hasattr(m, "update_bias")]
 
@@ -90,6 +121,8 @@ def _worker(rank: int, world: int, ep_size: int, init_file: str, out_dir: str) -
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {v: _compare_variant(v, rank, world, ep_size) for v in VARIANTS}
+        if world == ep_size:
+            results["one-sided layer"] = _compare_one_sided_layer(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -102,6 +135,8 @@ def _launch(tmp_path, world: int, ep_size: int) -> list[dict]:
 
 def _check(results: list[dict]) -> None:
     for rank, per_variant in enumerate(results):
+        one_sided = per_variant.pop("one-sided layer", None)
+        assert one_sided is None or max(one_sided.values()) <= 1e-5, (rank, one_sided)
         for variant, worst in per_variant.items():
             where = f"rank {rank} {variant}"
             assert worst["loss"] <= 1e-5, (where, worst)
