@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 _NOT_SET = object()
-_GROUP: ContextVar[object] = ContextVar("moegpt_router_loss_group", default=_NOT_SET)
+# A module global, not a ContextVar: torch.compile traces a global read but breaks the graph on
+# ContextVar.get(), and the losses ask on every forward. One training loop per process sets it.
+_active_group: object = _NOT_SET
 
 
 @contextlib.contextmanager
 def losses_over_ranks(group: dist.ProcessGroup | None) -> Iterator[None]:
     """Router losses computed in this block cover the batches of every rank of `group` (None: all)."""
-    token = _GROUP.set(group)
+    global _active_group
+    previous, _active_group = _active_group, group
     try:
         yield
     finally:
-        _GROUP.reset(token)
+        _active_group = previous
 
 
 def is_global() -> bool:
-    return _GROUP.get() is not _NOT_SET
+    return _active_group is not _NOT_SET
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -52,7 +54,7 @@ class _SumOverRanks(torch.autograd.Function):
 
 def sum_over_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Each tensor summed over the ranks of the active group, in one collective (differentiable)."""
-    group = _GROUP.get()
+    group = _active_group
     assert group is not _NOT_SET, "sum_over_ranks outside losses_over_ranks"
     flat = torch.cat([t.float().reshape(-1) for t in tensors])
     summed = _SumOverRanks.apply(flat, group)
