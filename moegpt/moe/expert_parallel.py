@@ -126,11 +126,12 @@ def expert_parallel_forward(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, ban
     flat_e = idx_NK.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
     counts_all = torch.bincount(flat_e + 1, minlength=n_expert + 1)  # slot 0: empty choices, sorted first
-    order = order[int(counts_all[0]):]
-    send_counts_E = counts_all[1:]
-    recv_counts_PL = exchange_counts(send_counts_E, ep)
-    send_splits = send_counts_E.view(ep.size, -1).sum(1).tolist()
-    recv_splits = recv_counts_PL.sum(1).tolist()
+    recv_counts_PL = exchange_counts(counts_all[1:], ep)
+    # the two host syncs of the layer: split sizes must be Python ints for all_to_all_single
+    counts, recv_counts = counts_all.tolist(), recv_counts_PL.tolist()
+    order = order[counts[0]:]
+    send_splits = [sum(counts[1 + p * bank.n_expert:1 + (p + 1) * bank.n_expert]) for p in range(ep.size)]
+    recv_splits = [sum(row) for row in recv_counts]
     tok_M = torch.div(order, K, rounding_mode="floor")
     x_RC = _AllToAll.apply(x_NC.index_select(0, tok_M), recv_splits, send_splits, ep)
     # received rows come grouped by source rank, then by local expert within each source
