@@ -112,6 +112,33 @@ def _compare_one_sided_layer(rank: int, world: int) -> dict[str, float]:
             float((sharded.w_in.grad - bank.w_in.grad[experts]).abs().max())}
 
 
+def _noisy_topk_trains_and_evaluates_like_one_process(rank: int, world: int) -> dict[str, float]:
+    """noisy-topk draws its training noise per rank (no equivalence to check there): its replicas must
+    stay in sync while training, and without noise (eval) its loss must equal one process's."""
+    model_cfg, moe_cfg = _configs("noisy-topk")
+    torch.manual_seed(0)
+    ref = GPT(model_cfg, moe_cfg)
+    sharded = copy.deepcopy(ref)
+    ep = ExpertParallel(sharded, world, world, rank)
+    opt = build_optimizer(sharded, TrainConfig(lr=1e-3), torch.device("cpu"))
+    xy = torch.randint(model_cfg.vocab_size, (world * PER_RANK_BATCH, model_cfg.block_size + 1),
+                       generator=torch.Generator().manual_seed(2))
+    x, y = xy[:, :-1], xy[:, 1:]
+    for _ in range(3):
+        _step(sharded, moe_cfg, ep.local_rows(x), ep.local_rows(y))
+        ep.sync_gradients()
+        ep.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ref.load_state_dict(ep.full_model_state())
+    ref.eval()
+    sharded.eval()
+    with torch.no_grad():
+        eval_ref = float(ref(x, y).loss)
+        eval_ep = ep.mean_over_ranks(float(sharded(ep.local_rows(x), ep.local_rows(y)).loss))
+    return {"out_of_sync": float(not ep.in_sync()), "eval_loss": abs(eval_ref - eval_ep)}
+
+
 def _aux_free(model) -> list:
     return [m for m in model.modules() if hasattr(m, "update_bias")]
 
@@ -123,6 +150,7 @@ def _worker(rank: int, world: int, ep_size: int, init_file: str, out_dir: str) -
         results = {v: _compare_variant(v, rank, world, ep_size) for v in VARIANTS}
         if world == ep_size:
             results["one-sided layer"] = _compare_one_sided_layer(rank, world)
+            results["noisy-topk"] = _noisy_topk_trains_and_evaluates_like_one_process(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -135,8 +163,9 @@ def _launch(tmp_path, world: int, ep_size: int) -> list[dict]:
 
 def _check(results: list[dict]) -> None:
     for rank, per_variant in enumerate(results):
-        one_sided = per_variant.pop("one-sided layer", None)
-        assert one_sided is None or max(one_sided.values()) <= 1e-5, (rank, one_sided)
+        for check in ("one-sided layer", "noisy-topk"):
+            worst = per_variant.pop(check, None)
+            assert worst is None or max(worst.values()) <= 1e-5, (rank, check, worst)
         for variant, worst in per_variant.items():
             where = f"rank {rank} {variant}"
             assert worst["loss"] <= 1e-5, (where, worst)
