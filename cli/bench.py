@@ -288,3 +288,36 @@ def bench_quality_command(
     result = bench_quality(cfg, names, steps, on_event=progress)
     render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
            ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"], wide=wide)
+
+
+@bench_app.command("ep")
+def bench_ep_command(
+    preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, tiny, gpu-small).")] = "cpu",
+    moe: Annotated[str, typer.Option("--moe", help="Variant of the model (token-choice).")] = "topk",
+    sizes: Annotated[str, typer.Option("--sizes", help="Comma-separated expert-parallel sizes P; the first is "
+                                                       "the baseline.")] = "1,2",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Global batch (default: the "
+                                                   "preset's); must be divisible by every P.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per run.")] = 5,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Runs per size, sizes alternating; medians "
+                                        "reported.")] = 2,
+    fmt: Format = "table", device: Device = "cpu",
+) -> None:
+    """Training tokens/s at each expert-parallel size P (P processes on this machine), bytes the all-to-alls
+    send between processes per step (forward and backward), and their share of step time.
+
+    Every P trains on the same global batch with the same total threads (cores // P per process). The
+    exchange share includes time a rank waits in the all-to-all for slower ranks."""
+    from moegpt.bench_ep import bench_expert_parallel
+    from moegpt.runtime import resolve_device
+
+    check_format(fmt)
+    ps = int_list(sizes, "--sizes")
+    sets = [f"moe.variant={moe}"] + ([f"train.batch_size={batch_size}"] if batch_size else [])
+    cfg = resolve_config(preset, sets=sets)
+    dev = resolve_device(device)
+    result = bench_expert_parallel(cfg, ps, steps, rounds, device=dev.type)
+    render(result, fmt, "moegpt bench ep (training step, median over rounds)",
+           ["P", "threads_per_process", "ms_per_step", "ms_per_step_range", "tokens_per_s", "ratio_to_first",
+            "exchange_share",
+            "bytes_per_step"])

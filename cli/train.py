@@ -67,6 +67,10 @@ class TrainRenderer:
         cfg, params = p["config"], p["params"]
         m, e, t = cfg["model"], cfg["moe"], cfg["train"]
         facts = p["moe_facts"]
+        if not facts["causal"]:  # printed once the run starts: a refused configuration prints only its error
+            Console(stderr=True).print(f"[yellow]warning:[/] {e['variant']} is not causal: position t sees later "
+                                       "tokens of the batch, so its training loss is optimistic and generation "
+                                       "differs from training")
         capacity = f" capacity={facts['capacity_factor']:g}" if facts["capacity_factor"] > 0 else ""
         moe = "dense FFN" if not p["moe_layers"] else (
             f"{e['variant']} E={facts['n_expert']} k={facts['experts_per_token']:g}{capacity} act={e['activation']} "
@@ -181,6 +185,10 @@ def train_command(
         "--lr-decay-iters", help="Step where the cosine decay reaches its floor (0 = max-iters).")] = None,
     min_lr_ratio: Annotated[float | None, typer.Option("--min-lr-ratio", help="Floor of the cosine decay, as a "
                                                                               "fraction of --lr.")] = None,
+    expert_parallel: Annotated[int | None, typer.Option(
+        "--expert-parallel", help="Split each MoE layer's experts over this many processes (launch with torchrun; "
+                                  "must divide the process count and n_expert). --batch-size is then the global "
+                                  "batch, split over all processes.")] = None,
 ) -> None:
     """Train a model and write runs/NAME/ (config.toml, metrics.jsonl, ckpt/).
 
@@ -189,8 +197,7 @@ def train_command(
     on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume, which starts from the
     run's saved config (flags given with it change only what resuming allows).
     """
-    from moegpt.moe import is_causal_variant  # here, not at import: `--help` must not wait for torch
-    from moegpt.threads import apply_threads
+    from moegpt.threads import apply_threads  # here, not at import: `--help` must not wait for torch
     from moegpt.train import Trainer
 
     flags = opt.model_flags(moe=moe, n_expert=n_expert, top_k=top_k, expert_hidden=expert_hidden,
@@ -203,7 +210,8 @@ def train_command(
                   "train.device": device, "train.precision": precision, "train.compile": compile_,
                   "train.runs_root": runs_root, "model.dropout": dropout, "train.weight_decay": weight_decay,
                   "train.beta2": beta2, "train.grad_clip": grad_clip, "train.eval_iters": eval_iters,
-                  "train.lr_decay_iters": lr_decay_iters, "train.min_lr_ratio": min_lr_ratio})
+                  "train.lr_decay_iters": lr_decay_iters, "train.min_lr_ratio": min_lr_ratio,
+                  "train.expert_parallel": expert_parallel})
     if resume not in (None, "yes", "auto"):
         raise MoegptError(f"--resume takes no value or 'auto' (got {resume!r})")
     if log not in (None, "tensorboard"):
@@ -213,11 +221,9 @@ def train_command(
     cfg = resolve_config(preset, config, flags, set_)
     if resume is not None and config is None and (saved := saved_config_path(cfg)) is not None:
         cfg = resolve_config(preset, str(saved), flags, set_)  # the run's own config is the base
+        if expert_parallel is None and not any(s.startswith("train.expert_parallel=") for s in set_ or []):
+            cfg.train.expert_parallel = 1  # how experts are sharded is the launch's choice, not the saved run's
     console = Console()
-    if not is_causal_variant(cfg.moe.variant):
-        Console(stderr=True).print(f"[yellow]warning:[/] {cfg.moe.variant} is not causal: position t sees later "
-                                   "tokens of the batch, so its training loss is optimistic and generation differs "
-                                   "from training")
     renderer = TrainRenderer(console, cfg.train.max_iters, show_load, threads=apply_threads(threads))
     callbacks = [renderer] + ([TensorBoardLogger()] if log else [])
 

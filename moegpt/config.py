@@ -192,6 +192,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    # Processes that split each MoE layer's experts (torchrun); 1 = every process holds every expert.
+    # With it > 1, batch_size is the global batch, split evenly over all processes.
+    expert_parallel: int = 1
 
     def problems(self) -> list[str]:
         out = []
@@ -213,6 +216,8 @@ class TrainConfig:
             out.append(f"train.device must be auto, cpu, cuda[:N] or mps (got {self.device!r})")
         if problem := precision_problem(self.precision, "train.precision"):
             out.append(problem)
+        if self.expert_parallel < 1:
+            out.append(f"train.expert_parallel must be >= 1 (got {self.expert_parallel})")
         return out
 
 

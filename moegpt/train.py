@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
 from moegpt.inspect.stats import layer_summary
 from moegpt.model import GPT, aux_losses
 from moegpt.moe import layer_facts
+from moegpt.parallel import ExpertParallel, check_expert_parallel_run
 from moegpt.resume import keep_decay_horizon
 from moegpt.runlock import RunLock
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
@@ -41,7 +43,8 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 
 # train-section keys a resumed run may change; everything else must match the checkpoint
 RESUMABLE_TRAIN_KEYS = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                        "keep_ckpts", "device", "compile", "name", "runs_root", "lr_decay_iters"}
+                        "keep_ckpts", "device", "compile", "name", "runs_root", "lr_decay_iters",
+                        "expert_parallel"}
 FAULT_NAN_ENV = "MOEGPT_FAULT_NAN_AT_STEP"  # test hook: make the loss NaN at this (1-based) step
 
 
@@ -120,6 +123,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self._signal: int | None = None
         self._run_lock: RunLock | None = None
+        self.ep: ExpertParallel | None = None  # set when the run shards its experts over processes
 
     def emit(self, kind: str, **payload: Any) -> None:
         if self.dist.is_main:
@@ -185,6 +189,7 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
+        check_expert_parallel_run(cfg, self.dist.world_size)
         ds = self._load_data()
         data_dir = Path(cfg.data.data_root) / cfg.data.name
         run_dir = self._locked_run_dir()
@@ -192,6 +197,9 @@ class Trainer:
         manager = CheckpointManager(run_dir, keep=t.keep_ckpts)
         torch.manual_seed(t.seed)
         model = GPT(cfg.model, cfg.moe).to(self.device)
+        if t.expert_parallel > 1:
+            self.ep = ExpertParallel(model, t.expert_parallel, self.dist.world_size, self.dist.rank)
+        ep = self.ep
         optimizer = build_optimizer(model, self.cfg.train, self.device)
         step, tokens_seen, best_val, resumed_from = 0, 0, math.inf, None
         train_s = wall_s = 0.0  # cumulative: training only (no evaluation, no checkpoints) / everything
@@ -207,8 +215,10 @@ class Trainer:
                 raise MoegptError(f"cannot resume {latest}: config differs from the checkpoint's: {'; '.join(diffs)}")
             if note := keep_decay_horizon(cfg, state["config"]):
                 self.emit("note", message=note)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            # checkpoints hold every expert: a sharded run keeps its slice, whatever P wrote the file
+            model.load_state_dict(ep.local_model_state(state["model"]) if ep else state["model"])
+            optimizer.load_state_dict(ep.local_optimizer_state(optimizer, state["optimizer"]) if ep
+                                      else state["optimizer"])
             step, tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
             best_val = float(state["best_val"])
             train_s, wall_s = (float(state.get("timing", {}).get(key, 0.0)) for key in ("train_s", "wall_s"))
@@ -228,20 +238,20 @@ class Trainer:
         raw_model = model
         if t.compile:
             model = torch.compile(model)
-        if self.dist.enabled:
+        if self.dist.enabled and ep is None:  # expert-parallel runs sum their gradients themselves
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None)
-        counts = raw_model.num_params()
+        counts = ep.full_params if ep else raw_model.num_params()
         self.emit("start", run_dir=str(run_dir), config=cfg.to_dict(), params=counts, device=str(self.device),
                   precision=self.precision, resumed_from=resumed_from, start_step=step,
                   world_size=self.dist.world_size, moe_layers=raw_model.moe_layers,
                   moe_facts=layer_facts(cfg.model, cfg.moe))
 
-        def checkpoint_state() -> dict[str, Any]:
+        def checkpoint_state(weights: tuple[dict, dict]) -> dict[str, Any]:
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-            return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            return {"model": weights[0], "optimizer": weights[1],
                     "scheduler": {"step": step, "lr": lr_at(step, cfg)}, "step": step,
                     "data_state": {"step": step, "seed": t.seed, "tokens_seen": tokens_seen,
                                    "world_size": self.dist.world_size},
@@ -252,13 +262,16 @@ class Trainer:
                     "moegpt_version": __version__}
 
         def save(is_best: bool = False) -> Path | None:
+            # expert-parallel: every rank takes part in gathering the experts, rank 0 writes them
+            weights = (ep.full_model_state(), ep.full_optimizer_state(optimizer)) if ep else None
             if not self.dist.is_main:
                 return None
-            path = manager.save(step, checkpoint_state(), is_best=is_best)
+            weights = weights or (raw_model.state_dict(), optimizer.state_dict())
+            path = manager.save(step, checkpoint_state(weights), is_best=is_best)
             self.emit("checkpoint", path=str(path), step=step, best=is_best)
             return path
 
-        tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * self.dist.world_size
+        tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * (1 if ep else self.dist.world_size)
         fault_step = int(os.environ.get(FAULT_NAN_ENV, "0"))
         wall_start = window_start = time.perf_counter()
         window_tokens, last_val, start_step = 0, None, step
@@ -269,9 +282,13 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(t.grad_accum):
+                # expert-parallel: batch_size is the global batch (drawn as one process would), sliced by rank
                 x, y = ds.get_batch("train", t.batch_size, cfg.model.block_size,
-                                    batch_generator(t.seed, "train", self.dist.rank, step, micro), self.device)
-                sync = contextlib.nullcontext() if not self.dist.enabled or micro == t.grad_accum - 1 \
+                                    batch_generator(t.seed, "train", 0 if ep else self.dist.rank, step, micro),
+                                    self.device)
+                if ep:
+                    x, y = ep.local_rows(x), ep.local_rows(y)
+                sync = contextlib.nullcontext() if ep or not self.dist.enabled or micro == t.grad_accum - 1 \
                     else model.no_sync()
                 with sync:
                     with autocast(self.device, self.precision):
@@ -285,7 +302,10 @@ class Trainer:
                             f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopped before the "
                             f"optimizer step, last good checkpoint: {manager.latest() or 'none'}")
                     (loss / t.grad_accum).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
+            if ep:
+                ep.sync_gradients()
+            grad_norm = ep.clip_grad_norm_(t.grad_clip or float("inf")) if ep else \
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; stopped before the optimizer "
                                        f"step, last good checkpoint: {manager.latest() or 'none'}")
@@ -300,7 +320,7 @@ class Trainer:
 
             if step % t.log_interval == 0 or step == t.max_iters:
                 now = time.perf_counter()
-                record = _log_record(step, tokens_seen, lr, out, aux, grad_norm,
+                record = _log_record(step, tokens_seen, lr, ep.global_output(out) if ep else out, aux, grad_norm,
                                      window_tokens / max(now - window_start, 1e-9), raw_model.moe_layers)
                 record.update(train_s=round(train_s, 3), wall_s=round(wall_s + now - wall_start, 3))
                 window_start, window_tokens = now, 0
@@ -318,11 +338,11 @@ class Trainer:
                 self.emit("eval", **record)
             if step % t.ckpt_interval == 0 or step == t.max_iters or improved:
                 save(is_best=improved)
-            if self._signal is not None:
+            if self._stop_requested():
                 path = save()
-                raise TrainingInterrupted(self._signal, str(path) if path else None)
+                raise TrainingInterrupted(self._signal or signal.SIGTERM, str(path) if path else None)
 
-        in_sync = self._ranks_in_sync(raw_model)
+        in_sync = ep.in_sync() if ep else self._ranks_in_sync(raw_model)
         elapsed = time.perf_counter() - wall_start
         trained_tokens = (step - start_step) * tokens_per_step
         summary = {"run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen,
@@ -343,14 +363,21 @@ class Trainer:
         for i in range(t.eval_iters):
             x, y = ds.get_batch("val", t.batch_size, self.cfg.model.block_size,
                                 batch_generator(t.seed, "val", 0, 0, i), self.device)
+            if self.ep:
+                x, y = self.ep.local_rows(x), self.ep.local_rows(y)
             with autocast(self.device, self.precision):
                 total += float(model(x, y).loss)
         model.train(was_training)
-        return total / t.eval_iters
+        return self.ep.mean_over_ranks(total / t.eval_iters) if self.ep else total / t.eval_iters
 
     def _write_metrics(self, path: Path, record: dict[str, Any]) -> None:
         if self.dist.is_main:
             append_line(path, json.dumps(record))
+
+    def _stop_requested(self) -> bool:
+        """A signal arrived; expert-parallel ranks agree first (a checkpoint save is a collective there)."""
+        stop = self._signal is not None
+        return self.ep.any_rank(stop) if self.ep else stop
 
     def _ranks_in_sync(self, model: GPT) -> bool:
         if not self.dist.enabled:

@@ -33,6 +33,6 @@ class SigmoidTopKMoE(RoutedMoE):
 
 SPEC = VariantSpec(
     name="test-sigmoid-topk", layer=SigmoidTopKMoE, description="test-only: sigmoid top-k, renormalised",
-    reference="the test suite", problems=top_k_problems, extra_stats=(MEAN_TOP_GATE,),
+    reference="the test suite", problems=top_k_problems, extra_stats=(MEAN_TOP_GATE,), expert_parallel=True,
     report_notes=("a variant registered by the test suite",),
 )

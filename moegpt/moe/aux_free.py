@@ -98,7 +98,7 @@ def _problems(moe) -> list[str]:
 SPEC = VariantSpec(
     name="aux-free", layer=AuxFreeMoE,
     description="sigmoid affinities, load-driven selection bias, no aux loss; optional group-limited routing",
-    reference="DeepSeek-V3", problems=_problems, extra_stats=(EXPERT_BIAS,),
+    reference="DeepSeek-V3", problems=_problems, extra_stats=(EXPERT_BIAS,), expert_parallel=True,
     report_notes=("probabilities are sigmoid affinities scaled to sum to 1 per token; selection also adds "
                   "expert_bias",),
 )

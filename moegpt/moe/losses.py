@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moegpt.moe.global_batch import is_global, sum_over_ranks
+
 
 def _token_weights(mask_N: Tensor | None, like: Tensor) -> Tensor | None:
     """1.0 for real tokens, 0.0 for ignored ones (None when every token is real). Weights instead of
@@ -17,7 +19,13 @@ def _token_weights(mask_N: Tensor | None, like: Tensor) -> Tensor | None:
 
 
 def _mean_over_tokens(values_NX: Tensor, w_N: Tensor | None) -> Tensor:
-    """Mean over real tokens (dim 0); zero when there are none."""
+    """Mean over real tokens (dim 0); zero when there are none. Over every rank's tokens when global."""
+    if is_global():
+        w = None if w_N is None else w_N.reshape(-1, *([1] * (values_NX.dim() - 1)))
+        total = values_NX.sum(dim=0) if w is None else (values_NX * w).sum(dim=0)
+        count = values_NX.new_tensor(float(values_NX.shape[0])) if w_N is None else w_N.sum()
+        total, count = sum_over_ranks(total, count)
+        return total / count.clamp(min=1)
     if w_N is None:
         return values_NX.mean(dim=0) if values_NX.shape[0] else values_NX.sum(dim=0)
     w = w_N.reshape(-1, *([1] * (values_NX.dim() - 1)))
@@ -42,7 +50,10 @@ def switch_balance_loss(logits_NE: Tensor, expert_idx_NK: Tensor, mask_N: Tensor
         valid_NK = valid_NK * w_N[:, None]
     counts_E = logits_NE.new_zeros(n_expert).scatter_add_(0, expert_idx_NK.clamp(min=0).reshape(-1),
                                                           valid_NK.reshape(-1))
-    f_E = counts_E / valid_NK.sum().clamp(min=1)
+    assigned = valid_NK.sum()
+    if is_global():
+        counts_E, assigned = sum_over_ranks(counts_E, assigned)
+    f_E = counts_E / assigned.clamp(min=1)
     probs_NE = torch.softmax(logits_NE, dim=-1) if probs_NE is None else probs_NE.float()
     P_E = _mean_over_tokens(probs_NE, w_N)
     return n_expert * torch.sum(f_E * P_E)
@@ -76,6 +87,9 @@ def seq_balance_loss(scores_BTE: Tensor, expert_idx_BTK: Tensor, mask_BT: Tensor
     P_BE = (probs * m[..., None]).sum(dim=1) / n_real_B.clamp(min=1)[:, None]
     per_seq = (f_BE * P_BE).sum(dim=-1)
     has_tokens = n_real_B > 0
+    if is_global():  # the mean over every rank's sequences
+        total, count = sum_over_ranks((per_seq * has_tokens).sum(), has_tokens.sum())
+        return total / count.clamp(min=1)
     if not bool(has_tokens.any()):
         return scores.sum() * 0.0
     return per_seq[has_tokens].mean()

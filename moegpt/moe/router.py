@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.moe.dispatch import run_experts
+from moegpt.moe.expert_parallel import ExpertParallelGroup, expert_parallel_forward, global_capacity_dropped
 from moegpt.moe.experts import ExpertBank
+from moegpt.moe.global_batch import losses_over_ranks
 from moegpt.moe.layer import FFNLayer
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
 from moegpt.moe.registry import capacity_factor, expert_hidden
@@ -58,6 +60,8 @@ def capacity_keep_mask(expert_idx_NK: Tensor, batch: int, time: int, n_expert: i
 class RoutedMoE(FFNLayer):
     """Base of the variants with a router over an expert bank: subclasses define `select(logits, x)` ->
     (idx_NK, weight_NK); expert-choice overrides the whole forward."""
+
+    expert_parallel: ExpertParallelGroup | None = None  # set on a layer whose experts were sharded
 
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, top_k: int | None = None):
         super().__init__()
@@ -117,8 +121,13 @@ class RoutedMoE(FFNLayer):
     def capacity_dropped(self, idx_NK: Tensor, B: int, T: int) -> Tensor | None:
         if self.capacity_factor <= 0:
             return None
+        if self.expert_parallel is not None:
+            return global_capacity_dropped(idx_NK, B, T, self._capacity_keep_mask, self.expert_parallel)
+        return ~self._capacity_keep_mask(idx_NK, B, T)
+
+    def _capacity_keep_mask(self, idx_NK: Tensor, B: int, T: int) -> Tensor:
         capacity = expert_capacity(B * T, idx_NK.shape[1], self.n_expert, self.capacity_factor)
-        return ~capacity_keep_mask(idx_NK, B, T, self.n_expert, capacity)
+        return capacity_keep_mask(idx_NK, B, T, self.n_expert, capacity)
 
     def routed_forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, RouterStats]:
         try:
@@ -135,12 +144,19 @@ class RoutedMoE(FFNLayer):
             weight_NK = weight_NK * self.routed_scaling_factor
         dropped_NK = self.capacity_dropped(idx_NK, B, T)
         dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
-        y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
+        ep = self.expert_parallel
+        if ep is None:
+            y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
+        else:
+            y_NC = expert_parallel_forward(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch, ep)
         generating = is_generating()
         if generating:
             balance = z = seq_balance = logits_NE.new_zeros(())
-        else:
+        elif ep is None:
             balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
+        else:
+            with losses_over_ranks(ep.world_group):  # over the global batch, as one process would
+                balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
         stats = RouterStats(
             balance=balance, z=z, seq_balance=seq_balance,
             n_expert=self.n_expert,

@@ -64,5 +64,6 @@ SPEC = VariantSpec(
     name="shared", layer=SharedExpertMoE,
     description="always-on shared experts + fine-grained routed experts", reference="DeepSeekMoE 2024",
     expert_width_share=lambda moe: float(moe.top_k + moe.n_shared), problems=_problems, has_shared_experts=True,
+    expert_parallel=True,
     extra_stats=(SHARED_SHARE,),
 )

@@ -58,6 +58,8 @@ class VariantSpec:
     uses_capacity: whether moe.capacity_factor means anything to this variant.
     routed: False for the dense baseline (its layers are not MoE layers).
     has_shared_experts: the variant has always-on shared experts, so moe.shared_gate means something.
+    expert_parallel: each token picks a few experts (a RoutedMoE), so experts can live on other processes and
+        tokens travel to them by all-to-all (moe/expert_parallel.py).
     problems: the variant's own validation of its knobs (messages name config keys, not CLI flags).
     """
 
@@ -72,6 +74,7 @@ class VariantSpec:
     default_capacity_factor: float = 0.0
     uses_capacity: bool = True
     has_shared_experts: bool = False  # always-on shared experts (moe.n_shared, moe.shared_gate apply)
+    expert_parallel: bool = False  # experts may be sharded over processes (train --expert-parallel)
     problems: Callable[[MoEConfig], list[str]] = _no_problems
     report_notes: tuple[str, ...] = ()
     extra_stats: tuple[ExtraStat, ...] = field(default_factory=tuple)

@@ -24,5 +24,6 @@ class SwitchMoE(RoutedMoE):
 SPEC = VariantSpec(
     name="switch", layer=SwitchMoE, description="top-1 with capacity factor; dropped tokens ride the residual",
     reference="Fedus 2021", experts_per_token=lambda moe, block_size: 1.0, default_capacity_factor=1.25,
+    expert_parallel=True,
     report_notes=("top-1 with capacity: drop_rate counts tokens that overflowed their expert and rode the residual",),
 )

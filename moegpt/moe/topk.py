@@ -52,9 +52,9 @@ class NoisyTopKMoE(RoutedMoE):
 
 SPEC = VariantSpec(
     name="topk", layer=TopKMoE, description="token-choice softmax top-k, optional renormalisation",
-    reference="Shazeer 2017, Mixtral", problems=top_k_problems,
+    reference="Shazeer 2017, Mixtral", problems=top_k_problems, expert_parallel=True,
 )
 NOISY_SPEC = VariantSpec(
     name="noisy-topk", layer=NoisyTopKMoE, description="top-k with learned Gaussian logit noise in training only",
-    reference="Shazeer 2017", problems=top_k_problems,
+    reference="Shazeer 2017", problems=top_k_problems, expert_parallel=True,
 )
