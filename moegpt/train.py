@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,35 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
+@dataclass
+class _Run:
+    """What one training run holds while it runs: its data, folder, model, optimizer and counters."""
+
+    ds: TokenDataset
+    run_dir: Path
+    manager: CheckpointManager
+    raw_model: GPT  # the module itself (checkpoints, hooks, evaluation)
+    model: Any  # what the step calls: raw_model, or its torch.compile / DDP wrapper
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    last_val: float | None = None
+    train_s: float = 0.0  # cumulative training time (no evaluation, no checkpoints), carried across resumes
+    wall_s: float = 0.0  # cumulative wall time before this process started
+    resumed_from: str | None = None
+    params: dict[str, int] = field(default_factory=dict)
+    tokens_per_step: int = 0
+    start_step: int = 0
+    wall_start: float = 0.0
+    window_start: float = 0.0
+    window_tokens: int = 0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "no", on_event: EventCallback | None = None,
                  restore_rng: bool = True):
@@ -188,167 +218,198 @@ class Trainer:
         dist.destroy_process_group()
 
     def _run(self) -> dict[str, Any]:
+        run = self._open_run()
+        self._restore(run)
+        self._start(run)
+        while run.step < self.cfg.train.max_iters:
+            lr, out, aux, grad_norm = self._train_step(run)
+            self._after_step(run, lr, out, aux, grad_norm)
+        return self._finish(run)
+
+    def _open_run(self) -> _Run:
+        """Data, the locked run folder, the model (sharded under expert parallelism) and its optimizer."""
         cfg, t = self.cfg, self.cfg.train
         check_expert_parallel_run(cfg, self.dist.world_size)
         ds = self._load_data()
-        data_dir = Path(cfg.data.data_root) / cfg.data.name
         run_dir = self._locked_run_dir()
         cfg.train.name = run_dir.name
-        manager = CheckpointManager(run_dir, keep=t.keep_ckpts)
         torch.manual_seed(t.seed)
         model = GPT(cfg.model, cfg.moe).to(self.device)
         if t.expert_parallel > 1:
             self.ep = ExpertParallel(model, t.expert_parallel, self.dist.world_size, self.dist.rank)
-        ep = self.ep
-        optimizer = build_optimizer(model, self.cfg.train, self.device)
-        step, tokens_seen, best_val, resumed_from = 0, 0, math.inf, None
-        train_s = wall_s = 0.0  # cumulative: training only (no evaluation, no checkpoints) / everything
+        return _Run(ds=ds, run_dir=run_dir, manager=CheckpointManager(run_dir, keep=t.keep_ckpts),
+                    raw_model=model, model=model, optimizer=build_optimizer(model, t, self.device))
 
-        # newest step file, damaged or not: a corrupt newest checkpoint must be reported, not skipped
-        latest = manager.all()[-1] if manager.all() else None
+    def _restore(self, run: _Run) -> None:
+        """Continue from the newest checkpoint when resuming (damaged or not: a corrupt one is reported)."""
+        latest = run.manager.all()[-1] if run.manager.all() else None
         if self.resume == "yes" and latest is None:
-            raise MoegptError(f"--resume: {run_dir} has no checkpoint to resume from")
-        if self.resume != "no" and latest is not None:
-            state = load_checkpoint(latest, map_location=self.device)
-            diffs = config_differences(state["config"], cfg.to_dict())
-            if diffs:
-                raise MoegptError(f"cannot resume {latest}: config differs from the checkpoint's: {'; '.join(diffs)}")
-            if note := keep_decay_horizon(cfg, state["config"]):
-                self.emit("note", message=note)
-            # checkpoints hold every expert: a sharded run keeps its slice, whatever P wrote the file
-            model.load_state_dict(ep.local_model_state(state["model"]) if ep else state["model"])
-            optimizer.load_state_dict(ep.local_optimizer_state(optimizer, state["optimizer"]) if ep
+            raise MoegptError(f"--resume: {run.run_dir} has no checkpoint to resume from")
+        if self.resume == "no" or latest is None:
+            if self.resume == "auto":
+                self.emit("note", message=f"no checkpoint in {run.run_dir}: starting a fresh run")
+            return
+        state = load_checkpoint(latest, map_location=self.device)
+        diffs = config_differences(state["config"], self.cfg.to_dict())
+        if diffs:
+            raise MoegptError(f"cannot resume {latest}: config differs from the checkpoint's: {'; '.join(diffs)}")
+        if note := keep_decay_horizon(self.cfg, state["config"]):
+            self.emit("note", message=note)
+        ep = self.ep  # checkpoints hold every expert: a sharded run keeps its slice, whatever P wrote the file
+        run.raw_model.load_state_dict(ep.local_model_state(state["model"]) if ep else state["model"])
+        run.optimizer.load_state_dict(ep.local_optimizer_state(run.optimizer, state["optimizer"]) if ep
                                       else state["optimizer"])
-            step, tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
-            best_val = float(state["best_val"])
-            train_s, wall_s = (float(state.get("timing", {}).get(key, 0.0)) for key in ("train_s", "wall_s"))
-            if self.restore_rng:
-                torch.set_rng_state(state["rng"]["torch"])
-                if "cuda" in state["rng"] and torch.cuda.is_available():
-                    torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
-            resumed_from = str(latest)
-        elif self.resume == "auto":
-            self.emit("note", message=f"no checkpoint in {run_dir}: starting a fresh run")
+        run.step, run.tokens_seen = int(state["step"]), int(state["data_state"]["tokens_seen"])
+        run.best_val = float(state["best_val"])
+        run.train_s, run.wall_s = (float(state.get("timing", {}).get(key, 0.0)) for key in ("train_s", "wall_s"))
+        if self.restore_rng:
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
+        run.resumed_from = str(latest)
 
-        metrics_path = run_dir / "metrics.jsonl"
+    def _start(self, run: _Run) -> None:
+        """Write the run folder's config, drop metrics past the resume step, wrap the model, announce."""
+        cfg, t = self.cfg, self.cfg.train
         if self.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / "config.toml")
-            _truncate_metrics(metrics_path, keep_through_step=step)
-        raw_model = model
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run.run_dir / "config.toml")
+            _truncate_metrics(run.metrics_path, keep_through_step=run.step)
         if t.compile:
-            model = torch.compile(model)
-        if self.dist.enabled and ep is None:  # expert-parallel runs sum their gradients themselves
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None)
-        counts = ep.full_params if ep else raw_model.num_params()
-        self.emit("start", run_dir=str(run_dir), config=cfg.to_dict(), params=counts, device=str(self.device),
-                  precision=self.precision, resumed_from=resumed_from, start_step=step,
-                  world_size=self.dist.world_size, moe_layers=raw_model.moe_layers,
+            run.model = torch.compile(run.model)
+        if self.dist.enabled and self.ep is None:  # expert-parallel runs sum their gradients themselves
+            run.model = DistributedDataParallel(run.model, device_ids=[self.device.index]
+                                                if self.device.type == "cuda" else None)
+        run.params = self.ep.full_params if self.ep else run.raw_model.num_params()
+        run.tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * \
+            (1 if self.ep else self.dist.world_size)
+        self.emit("start", run_dir=str(run.run_dir), config=cfg.to_dict(), params=run.params,
+                  device=str(self.device), precision=self.precision, resumed_from=run.resumed_from,
+                  start_step=run.step, world_size=self.dist.world_size, moe_layers=run.raw_model.moe_layers,
                   moe_facts=layer_facts(cfg.model, cfg.moe))
+        run.start_step = run.step
+        run.wall_start = run.window_start = time.perf_counter()
+        run.model.train()
 
-        def checkpoint_state(weights: tuple[dict, dict]) -> dict[str, Any]:
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-            return {"model": weights[0], "optimizer": weights[1],
-                    "scheduler": {"step": step, "lr": lr_at(step, cfg)}, "step": step,
-                    "data_state": {"step": step, "seed": t.seed, "tokens_seen": tokens_seen,
-                                   "world_size": self.dist.world_size},
-                    "rng": rng, "config": cfg.to_dict(), "best_val": best_val,
-                    "timing": {"train_s": train_s, "wall_s": wall_s + time.perf_counter() - wall_start},
-                    "data_ref": {"data_dir": str(data_dir.resolve()), "name": cfg.data.name,
-                                 "fingerprint": ds.fingerprint},
-                    "moegpt_version": __version__}
+    def _train_step(self, run: _Run) -> tuple[float, Any, dict, torch.Tensor]:
+        """One optimizer step (with gradient accumulation); stops before the update on a non-finite loss."""
+        cfg, t, ep = self.cfg, self.cfg.train, self.ep
+        step_start = time.perf_counter()
+        lr = lr_at(run.step, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(t.grad_accum):
+            x, y = self._batch(run, micro)
+            last_micro = micro == t.grad_accum - 1
+            sync = run.model.no_sync() if self.dist.enabled and not ep and not last_micro else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.precision):
+                    out = run.model(x, y)
+                    aux = aux_losses(out.router_stats, cfg.moe)
+                    loss = out.loss + aux["total"]
+                if int(os.environ.get(FAULT_NAN_ENV, "0")) == run.step + 1:
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"non-finite loss ({float(loss.detach())}) at step {run.step + 1}; stopped before the "
+                        f"optimizer step, last good checkpoint: {run.manager.latest() or 'none'}")
+                (loss / t.grad_accum).backward()
+        grad_norm = self._clipped_grad_norm(run)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.raw_model.after_optimizer_step(dist.all_reduce if self.dist.enabled else _no_reduce)
+        run.step += 1
+        run.train_s += time.perf_counter() - step_start
+        run.tokens_seen += run.tokens_per_step
+        run.window_tokens += run.tokens_per_step
+        self.emit("step", step=run.step)  # progress bars move every step, not only at log records
+        return lr, out, aux, grad_norm
 
-        def save(is_best: bool = False) -> Path | None:
-            # expert-parallel: every rank takes part in gathering the experts, rank 0 writes them
-            weights = (ep.full_model_state(), ep.full_optimizer_state(optimizer)) if ep else None
-            if not self.dist.is_main:
-                return None
-            weights = weights or (raw_model.state_dict(), optimizer.state_dict())
-            path = manager.save(step, checkpoint_state(weights), is_best=is_best)
-            self.emit("checkpoint", path=str(path), step=step, best=is_best)
-            return path
+    def _batch(self, run: _Run, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pure function of (seed, rank, step, micro). Expert-parallel: batch_size is the global batch, drawn
+        as one process would draw it, and each rank takes its slice."""
+        t, ep = self.cfg.train, self.ep
+        x, y = run.ds.get_batch("train", t.batch_size, self.cfg.model.block_size,
+                                batch_generator(t.seed, "train", 0 if ep else self.dist.rank, run.step, micro),
+                                self.device)
+        return (ep.local_rows(x), ep.local_rows(y)) if ep else (x, y)
 
-        tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * (1 if ep else self.dist.world_size)
-        fault_step = int(os.environ.get(FAULT_NAN_ENV, "0"))
-        wall_start = window_start = time.perf_counter()
-        window_tokens, last_val, start_step = 0, None, step
-        model.train()
-        while step < t.max_iters:
-            step_start = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(t.grad_accum):
-                # expert-parallel: batch_size is the global batch (drawn as one process would), sliced by rank
-                x, y = ds.get_batch("train", t.batch_size, cfg.model.block_size,
-                                    batch_generator(t.seed, "train", 0 if ep else self.dist.rank, step, micro),
-                                    self.device)
-                if ep:
-                    x, y = ep.local_rows(x), ep.local_rows(y)
-                sync = contextlib.nullcontext() if ep or not self.dist.enabled or micro == t.grad_accum - 1 \
-                    else model.no_sync()
-                with sync:
-                    with autocast(self.device, self.precision):
-                        out = model(x, y)
-                        aux = aux_losses(out.router_stats, cfg.moe)
-                        loss = out.loss + aux["total"]
-                    if fault_step == step + 1:
-                        loss = loss * float("nan")
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"non-finite loss ({float(loss.detach())}) at step {step + 1}; stopped before the "
-                            f"optimizer step, last good checkpoint: {manager.latest() or 'none'}")
-                    (loss / t.grad_accum).backward()
-            if ep:
-                ep.sync_gradients()
-            grad_norm = ep.clip_grad_norm_(t.grad_clip or float("inf")) if ep else \
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}; stopped before the optimizer "
-                                       f"step, last good checkpoint: {manager.latest() or 'none'}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            raw_model.after_optimizer_step(dist.all_reduce if self.dist.enabled else _no_reduce)
-            step += 1
-            train_s += time.perf_counter() - step_start
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            self.emit("step", step=step)  # progress bars move every step, not only at log records
+    def _clipped_grad_norm(self, run: _Run) -> torch.Tensor:
+        clip = self.cfg.train.grad_clip or float("inf")
+        if self.ep:
+            self.ep.sync_gradients()
+            grad_norm = self.ep.clip_grad_norm_(clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"non-finite gradient norm at step {run.step + 1}; stopped before the optimizer "
+                                   f"step, last good checkpoint: {run.manager.latest() or 'none'}")
+        return grad_norm
 
-            if step % t.log_interval == 0 or step == t.max_iters:
-                now = time.perf_counter()
-                record = _log_record(step, tokens_seen, lr, ep.global_output(out) if ep else out, aux, grad_norm,
-                                     window_tokens / max(now - window_start, 1e-9), raw_model.moe_layers)
-                record.update(train_s=round(train_s, 3), wall_s=round(wall_s + now - wall_start, 3))
-                window_start, window_tokens = now, 0
-                self._write_metrics(metrics_path, record)
-                self.emit("log", **record)
-            improved = False
-            if step % t.eval_interval == 0 or step == t.max_iters:
-                last_val = self.evaluate(raw_model, ds)
-                improved = last_val < best_val
-                best_val = min(best_val, last_val)
-                record = {"step": step, "tokens": tokens_seen, "val_ce": round(last_val, 5),
-                          "best_val_ce": round(best_val, 5), "train_s": round(train_s, 3),
-                          "wall_s": round(wall_s + time.perf_counter() - wall_start, 3)}
-                self._write_metrics(metrics_path, record)
-                self.emit("eval", **record)
-            if step % t.ckpt_interval == 0 or step == t.max_iters or improved:
-                save(is_best=improved)
-            if self._stop_requested():
-                path = save()
-                raise TrainingInterrupted(self._signal or signal.SIGTERM, str(path) if path else None)
+    def _after_step(self, run: _Run, lr: float, out: Any, aux: dict, grad_norm: torch.Tensor) -> None:
+        """Log, evaluate, checkpoint and honour a stop signal, each at its interval."""
+        t, step = self.cfg.train, run.step
+        if step % t.log_interval == 0 or step == t.max_iters:
+            now = time.perf_counter()
+            record = _log_record(step, run.tokens_seen, lr, self.ep.global_output(out) if self.ep else out, aux,
+                                 grad_norm, run.window_tokens / max(now - run.window_start, 1e-9),
+                                 run.raw_model.moe_layers)
+            record.update(train_s=round(run.train_s, 3), wall_s=round(run.wall_s + now - run.wall_start, 3))
+            run.window_start, run.window_tokens = now, 0
+            self._write_metrics(run.metrics_path, record)
+            self.emit("log", **record)
+        improved = False
+        if step % t.eval_interval == 0 or step == t.max_iters:
+            run.last_val = self.evaluate(run.raw_model, run.ds)
+            improved = run.last_val < run.best_val
+            run.best_val = min(run.best_val, run.last_val)
+            record = {"step": step, "tokens": run.tokens_seen, "val_ce": round(run.last_val, 5),
+                      "best_val_ce": round(run.best_val, 5), "train_s": round(run.train_s, 3),
+                      "wall_s": round(run.wall_s + time.perf_counter() - run.wall_start, 3)}
+            self._write_metrics(run.metrics_path, record)
+            self.emit("eval", **record)
+        if step % t.ckpt_interval == 0 or step == t.max_iters or improved:
+            self._save(run, is_best=improved)
+        if self._stop_requested():
+            path = self._save(run)
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, str(path) if path else None)
 
-        in_sync = ep.in_sync() if ep else self._ranks_in_sync(raw_model)
-        elapsed = time.perf_counter() - wall_start
-        trained_tokens = (step - start_step) * tokens_per_step
-        summary = {"run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen,
-                   "final_val_ce": last_val, "best_val_ce": best_val if best_val < math.inf else None,
+    def _save(self, run: _Run, is_best: bool = False) -> Path | None:
+        # expert-parallel: every rank takes part in gathering the experts, rank 0 writes them
+        ep = self.ep
+        weights = (ep.full_model_state(), ep.full_optimizer_state(run.optimizer)) if ep else None
+        if not self.dist.is_main:
+            return None
+        weights = weights or (run.raw_model.state_dict(), run.optimizer.state_dict())
+        path = run.manager.save(run.step, self._checkpoint_state(run, weights), is_best=is_best)
+        self.emit("checkpoint", path=str(path), step=run.step, best=is_best)
+        return path
+
+    def _checkpoint_state(self, run: _Run, weights: tuple[dict, dict]) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        data_dir = Path(cfg.data.data_root) / cfg.data.name
+        return {"model": weights[0], "optimizer": weights[1],
+                "scheduler": {"step": run.step, "lr": lr_at(run.step, cfg)}, "step": run.step,
+                "data_state": {"step": run.step, "seed": t.seed, "tokens_seen": run.tokens_seen,
+                               "world_size": self.dist.world_size},
+                "rng": rng, "config": cfg.to_dict(), "best_val": run.best_val,
+                "timing": {"train_s": run.train_s, "wall_s": run.wall_s + time.perf_counter() - run.wall_start},
+                "data_ref": {"data_dir": str(data_dir.resolve()), "name": cfg.data.name,
+                             "fingerprint": run.ds.fingerprint},
+                "moegpt_version": __version__}
+
+    def _finish(self, run: _Run) -> dict[str, Any]:
+        in_sync = self.ep.in_sync() if self.ep else self._ranks_in_sync(run.raw_model)
+        elapsed = time.perf_counter() - run.wall_start
+        trained_tokens = (run.step - run.start_step) * run.tokens_per_step
+        latest = run.manager.latest()
+        summary = {"run_dir": str(run.run_dir), "steps": run.step, "tokens_seen": run.tokens_seen,
+                   "final_val_ce": run.last_val, "best_val_ce": run.best_val if run.best_val < math.inf else None,
                    "wall_s": elapsed, "tokens_per_s": trained_tokens / elapsed if elapsed > 0 else 0.0,
-                   "params": counts, "checkpoint": str(manager.latest()) if manager.latest() else None,
+                   "params": run.params, "checkpoint": str(latest) if latest else None,
                    "ranks_in_sync": in_sync, "world_size": self.dist.world_size, "precision": self.precision,
                    "device": str(self.device)}
         self.emit("end", **summary)
