@@ -110,8 +110,13 @@ class MultiHeadLatentAttention(nn.Module):
         q_lat_BH1R = q_nope_BH1N @ w_uk_HNR
         q_B1HL = torch.cat((q_lat_BH1R, q_pe_BH1P), dim=-1).view(B, 1, H, -1)
         keys_B1SL = latent_BSL[:, None]
-        values_B1SR = keys_B1SL[..., :self.kv_lora_rank]
-        dropout = self.dropout if self.training else 0.0
-        out_B1HR = torch.nn.functional.scaled_dot_product_attention(q_B1HL, keys_B1SL, values_B1SR,
-                                                                    dropout_p=dropout, scale=self.scale)
-        return out_B1HR.view(B, H, 1, self.kv_lora_rank) @ w_uv_HVR.transpose(1, 2)
+        # written out rather than through SDPA: with values narrower than keys SDPA takes its generic path,
+        # which expands the shared keys per query and is slower than these three ops
+        scores_B1HS = (q_B1HL @ keys_B1SL.transpose(-1, -2)).mul_(self.scale)
+        probs_B1HS = torch.softmax(scores_B1HS, dim=-1)
+        if self.training and self.dropout:
+            probs_B1HS = torch.nn.functional.dropout(probs_B1HS, self.dropout)
+        # the values are the latents' first R columns: multiplying by whole contiguous rows and dropping the
+        # rotary columns afterwards avoids copying a strided slice of the cache every step
+        out_B1HR = (probs_B1HS @ keys_B1SL)[..., :self.kv_lora_rank]
+        return out_B1HR.reshape(B, H, 1, self.kv_lora_rank) @ w_uv_HVR.transpose(1, 2)
