@@ -98,7 +98,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v_BHSV = kv_BHSD.split([self.nope_dim, self.v_dim], dim=-1)
         k_BHSD = torch.cat((k_nope, k_pe_BSP[:, None].expand(B, self.n_head, S, self.rope_dim)), dim=-1)
         q_BHTD = torch.cat((q_nope, q_pe), dim=-1)
-        return causal_attention(q_BHTD, k_BHSD, v_BHSV, past, self.dropout if self.training else 0.0, self.scale)
+        pad = q_BHTD.shape[-1] - self.v_dim
+        if pad > 0:  # SDPA's fused CPU kernel wants values as wide as keys; its generic path is slower
+            v_BHSV = torch.nn.functional.pad(v_BHSV, (0, pad))
+        y = causal_attention(q_BHTD, k_BHSD, v_BHSV, past, self.dropout if self.training else 0.0, self.scale)
+        return y[..., :self.v_dim] if pad > 0 else y
 
     def absorbed(self, q_nope_BH1N: Tensor, q_pe_BH1P: Tensor, latent_BSL: Tensor) -> Tensor:
         """One new token per sequence against the cached latents, W_UK folded into the query and W_UV
