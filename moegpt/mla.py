@@ -16,7 +16,8 @@ The KV cache stores only [RMSNorm(c_kv), rotated k_pe]: r + dr values per token 
     mapped by W_UV afterwards (folded into the output). Nothing per cached token is expanded.
 
 Parameter names follow transformers' DeepseekV3Attention. Legend: B batch, T new tokens, S tokens attended
-(cached + new), H heads, R = kv_lora_rank, P = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim.
+(cached + new), H heads, R = kv_lora_rank, P = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim,
+L = R + P (one cached row), D a head's query/key (or key/value) width.
 """
 
 from __future__ import annotations
