@@ -78,8 +78,9 @@ class TrainRenderer:
         threads = f" threads={self.threads}" if self.threads and p["device"] == "cpu" else ""
         self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']}{threads} precision={p['precision']}"
                            + (f" ranks={p['world_size']}" if p["world_size"] > 1 else ""))
+        trunk = f" {m['arch']}/{m['attention']}" if m.get("arch", "gpt2") != "gpt2" else ""
         self.console.print(f"model: L={m['n_layer']} d={m['n_embd']} heads={m['n_head']} T={m['block_size']} "
-                           f"vocab={m['vocab_size']} | {moe}")
+                           f"vocab={m['vocab_size']}{trunk} | {moe}")
         self.console.print(f"train: iters={t['max_iters']} batch={t['batch_size']}x{t['grad_accum']} lr={t['lr']} "
                            f"data={cfg['data']['name']} | params total {human(params['total'])}, "
                            f"active/token {human(params['active'])}")

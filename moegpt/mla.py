@@ -16,7 +16,8 @@ The KV cache stores only [RMSNorm(c_kv), rotated k_pe]: r + dr values per token 
     mapped by W_UV afterwards (folded into the output). Nothing per cached token is expanded.
 
 Parameter names follow transformers' DeepseekV3Attention. Legend: B batch, T new tokens, S tokens attended
-(cached + new), H heads, R = kv_lora_rank, P = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim.
+(cached + new), H heads, R = kv_lora_rank, P = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim,
+L = R + P (one cached row), D a head's query/key (or key/value) width.
 """
 
 from __future__ import annotations
@@ -98,7 +99,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v_BHSV = kv_BHSD.split([self.nope_dim, self.v_dim], dim=-1)
         k_BHSD = torch.cat((k_nope, k_pe_BSP[:, None].expand(B, self.n_head, S, self.rope_dim)), dim=-1)
         q_BHTD = torch.cat((q_nope, q_pe), dim=-1)
-        return causal_attention(q_BHTD, k_BHSD, v_BHSV, past, self.dropout if self.training else 0.0, self.scale)
+        pad = q_BHTD.shape[-1] - self.v_dim
+        if pad > 0:  # SDPA's fused CPU kernel wants values as wide as keys; its generic path is slower
+            v_BHSV = torch.nn.functional.pad(v_BHSV, (0, pad))
+        y = causal_attention(q_BHTD, k_BHSD, v_BHSV, past, self.dropout if self.training else 0.0, self.scale)
+        return y[..., :self.v_dim] if pad > 0 else y
 
     def absorbed(self, q_nope_BH1N: Tensor, q_pe_BH1P: Tensor, latent_BSL: Tensor) -> Tensor:
         """One new token per sequence against the cached latents, W_UK folded into the query and W_UV
@@ -110,8 +115,13 @@ class MultiHeadLatentAttention(nn.Module):
         q_lat_BH1R = q_nope_BH1N @ w_uk_HNR
         q_B1HL = torch.cat((q_lat_BH1R, q_pe_BH1P), dim=-1).view(B, 1, H, -1)
         keys_B1SL = latent_BSL[:, None]
-        values_B1SR = keys_B1SL[..., :self.kv_lora_rank]
-        dropout = self.dropout if self.training else 0.0
-        out_B1HR = torch.nn.functional.scaled_dot_product_attention(q_B1HL, keys_B1SL, values_B1SR,
-                                                                    dropout_p=dropout, scale=self.scale)
-        return out_B1HR.view(B, H, 1, self.kv_lora_rank) @ w_uv_HVR.transpose(1, 2)
+        # written out rather than through SDPA: with values narrower than keys SDPA takes its generic path,
+        # which expands the shared keys per query and is slower than these three ops
+        scores_B1HS = (q_B1HL @ keys_B1SL.transpose(-1, -2)).mul_(self.scale)
+        probs_B1HS = torch.softmax(scores_B1HS, dim=-1)
+        if self.training and self.dropout:
+            probs_B1HS = torch.nn.functional.dropout(probs_B1HS, self.dropout)
+        # the values are the latents' first R columns: multiplying by whole contiguous rows and dropping the
+        # rotary columns afterwards avoids copying a strided slice of the cache every step
+        out_B1HR = (probs_B1HS @ keys_B1SL)[..., :self.kv_lora_rank]
+        return out_B1HR.reshape(B, H, 1, self.kv_lora_rank) @ w_uv_HVR.transpose(1, 2)

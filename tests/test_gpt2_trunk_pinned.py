@@ -61,3 +61,13 @@ def test_gpt2_trunk_init_losses_and_greedy_tokens_are_unchanged(variant):
         seen.append(out.loss.item().hex())
     assert seen == losses
     assert generate(model, torch.tensor([[1, 2, 3]]), 20, temperature=0).tokens_BL.tolist() == [RECORDED_GREEDY]
+
+
+def test_gpt2_trunk_accounting_keeps_the_nanogpt_formulas():
+    model = build("topk")
+    n, cfg = model.num_params(), model.config
+    assert n["embedding"] == (cfg.vocab_size + cfg.block_size) * cfg.n_embd
+    expected = 6 * (n["active_non_embedding"] + cfg.n_embd * cfg.vocab_size) \
+        + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    assert model.flops_per_token() == expected
+    assert model.kv_cache_bytes_per_token() == 4 * cfg.n_layer * 2 * cfg.n_embd

@@ -3,11 +3,16 @@ logits) also past block_size, untied head, accounting, and bad keys as one-line 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
+from moegpt.checkpoint import load_checkpoint
 from moegpt.cli.main import app
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.generate import generate
@@ -113,26 +118,16 @@ LLAMA_MLA_SETS = ["model.arch=llama", "model.attention=mla", "moe.variant=aux-fr
 
 
 @pytest.mark.slow
-def test_llama_mla_trains_resumes_samples_and_audits_in_subprocesses(tiny_data, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_llama_mla_trains_in_a_subprocess_then_resumes_samples_and_audits(tiny_data, tmp_path):
     sets = [a for s in LLAMA_MLA_SETS + [f"train.runs_root={tmp_path}", f"data.data_root={tiny_data}",
                                          "data.name=tiny"] for a in ("--set", s)]
-    cli = [sys.executable, "-m", "moegpt.cli"]
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([*cli, *args], capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
-        return done
-
-    run("train", "--preset", "tiny", "--name", "ds", "--max-iters", "4", "--ckpt-interval", "2", *sets)
-    run("train", "--config", str(tmp_path / "ds" / "config.toml"), "--name", "ds", "--resume",
-        "--max-iters", "6", "--ckpt-interval", "2")
-    from moegpt.checkpoint import load_checkpoint
-
+    trained = subprocess.run([sys.executable, "-m", "moegpt.cli", "train", "--preset", "tiny", "--name", "ds",
+                              "--max-iters", "4", "--ckpt-interval", "2", *sets],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert trained.returncode == 0, trained.stderr
+    resumed = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "ds" / "config.toml"), "--name", "ds",
+                                       "--resume", "--max-iters", "6", "--ckpt-interval", "2"])
+    assert resumed.exit_code == 0, resumed.output
     state = load_checkpoint(tmp_path / "ds" / "ckpt" / "step_000006.pt")
     assert "blocks.0.attn.kv_b_proj.weight" in state["model"] and "wpe.weight" not in state["model"]
     sample = CliRunner().invoke(app, ["sample", str(tmp_path / "ds"), "--max-new-tokens", "40", "--seed", "0"])

@@ -87,3 +87,47 @@ def test_shared_gate_scales_shared_experts_by_a_sigmoid_per_token():
 def test_bad_router_convention_keys():
     assert any("routed_scaling_factor" in p for p in MoEConfig(routed_scaling_factor=0.0).problems())
     assert any("shared_gate" in p for p in variant_problems(MoEConfig(variant="topk", shared_gate=True)))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_aux_free_equals_transformers_deepseek_v3_routed_experts(normalize):
+    modeling = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                              moe_intermediate_size=8, n_shared_experts=1, norm_topk_prob=normalize,
+                              routed_scaling_factor=2.5, hidden_act="silu")
+    theirs = modeling.DeepseekV3MoE(config).eval()
+    ours = layer("aux-free", n_expert=8, top_k=3, n_group=4, topk_group=2, normalize_topk=normalize,
+                 routed_scaling_factor=2.5)
+    with torch.no_grad():
+        ours.expert_bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(3)) * 0.1)
+        theirs.gate.weight.copy_(ours.router.weight)
+        theirs.gate.e_score_correction_bias.copy_(ours.expert_bias)
+        theirs.experts.gate_up_proj.copy_(ours.experts.w_in.transpose(1, 2))
+        theirs.experts.down_proj.copy_(ours.experts.w_out.transpose(1, 2))
+        got, _ = ours(X)
+        expected = theirs(X) - theirs.shared_experts(X)  # moegpt's aux-free has no shared experts
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_shared_with_gate_equals_transformers_qwen2_moe_block(normalize):
+    modeling = pytest.importorskip("transformers.models.qwen2_moe.modeling_qwen2_moe")
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(hidden_size=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                            shared_expert_intermediate_size=8, norm_topk_prob=normalize, hidden_act="silu")
+    theirs = modeling.Qwen2MoeSparseMoeBlock(config).eval()
+    ours = layer("shared", n_shared=1, shared_gate=True, normalize_topk=normalize)
+    shared_in = ours.shared.w_in  # [C, 2H]: [gate | up]
+    with torch.no_grad():
+        theirs.gate.weight.copy_(ours.router.weight)
+        theirs.experts.gate_up_proj.copy_(ours.experts.w_in.transpose(1, 2))
+        theirs.experts.down_proj.copy_(ours.experts.w_out.transpose(1, 2))
+        theirs.shared_expert.gate_proj.weight.copy_(shared_in[:, :8].t())
+        theirs.shared_expert.up_proj.weight.copy_(shared_in[:, 8:].t())
+        theirs.shared_expert.down_proj.weight.copy_(ours.shared.w_out.t())
+        theirs.shared_expert_gate.weight.copy_(ours.shared_gate.weight)
+        got, _ = ours(X)
+        torch.testing.assert_close(got, theirs(X), atol=1e-5, rtol=1e-5)
