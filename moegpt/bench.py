@@ -22,8 +22,8 @@ import torch
 from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
 from moegpt.moe import build_ffn, validate_run_config
+from moegpt.optim import build_optimizer
 from moegpt.runtime import autocast
-from moegpt.train import build_optimizer
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:

@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from moegpt.bench import machine_info, paired_ratio
 from moegpt.config import RunConfig
 from moegpt.model import GPT, aux_losses
+from moegpt.optim import build_optimizer
 from moegpt.parallel import ExpertParallel, check_expert_parallel_run
-from moegpt.train import build_optimizer
 
 
 def bench_expert_parallel(cfg: RunConfig, sizes: list[int], steps: int, rounds: int, warmup: int = 2,

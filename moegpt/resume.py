@@ -14,6 +14,23 @@ from typing import Any
 from moegpt.config import RunConfig
 
 CONFIG_NAME = "config.toml"
+# train-section keys a resumed run may change; everything else must match the checkpoint
+RESUMABLE_TRAIN_KEYS = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
+                        "keep_ckpts", "device", "compile", "name", "runs_root", "lr_decay_iters",
+                        "expert_parallel"}
+
+
+def config_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's (run-length keys excepted)."""
+    out = []
+    for section in ("model", "moe", "data", "train"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in RESUMABLE_TRAIN_KEYS:
+                continue
+            if old.get(key) != new.get(key):
+                out.append(f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})")
+    return out
 
 
 def saved_config_path(cfg: RunConfig) -> Path | None:

@@ -27,89 +27,29 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moegpt import __version__
 from moegpt.checkpoint import CheckpointManager, load_checkpoint
-from moegpt.config import RunConfig, TrainConfig
+from moegpt.config import RunConfig
 from moegpt.data import TokenDataset, ensure_prepared
 from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
-from moegpt.inspect.stats import layer_summary
+from moegpt.metrics import log_record
 from moegpt.model import GPT, aux_losses
 from moegpt.moe import layer_facts
+from moegpt.optim import build_optimizer, lr_at
 from moegpt.parallel import ExpertParallel, check_expert_parallel_run
-from moegpt.resume import keep_decay_horizon
+from moegpt.resume import config_differences, keep_decay_horizon
+from moegpt.run_dir import resolve_run_dir, truncate_metrics
 from moegpt.runlock import RunLock
 from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
-from moegpt.safe_io import append_line, read_jsonl, write_text_atomic
+from moegpt.safe_io import append_line
 from moegpt.signals import stop_signals_handled
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
-# train-section keys a resumed run may change; everything else must match the checkpoint
-RESUMABLE_TRAIN_KEYS = {"max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                        "keep_ckpts", "device", "compile", "name", "runs_root", "lr_decay_iters",
-                        "expert_parallel"}
 FAULT_NAN_ENV = "MOEGPT_FAULT_NAN_AT_STEP"  # test hook: make the loss NaN at this (1-based) step
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at lr_decay_iters (default max_iters)."""
-    t = cfg.train
-    decay_iters = t.lr_decay_iters or t.max_iters
-    if step < t.warmup_iters:
-        return t.lr * (step + 1) / t.warmup_iters
-    if step >= decay_iters:
-        return t.lr * t.min_lr_ratio
-    progress = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def batch_generator(seed: int, stream: str, rank: int, step: int, micro: int) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{stream}:{rank}:{step}:{micro}".encode()).hexdigest()
     return torch.Generator().manual_seed(int(digest[:15], 16))
-
-
-def config_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run's (run-length keys excepted)."""
-    out = []
-    for section in ("model", "moe", "data", "train"):
-        old, new = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if section == "train" and key in RESUMABLE_TRAIN_KEYS:
-                continue
-            if old.get(key) != new.get(key):
-                out.append(f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})")
-    return out
-
-
-def resolve_run_dir(cfg: RunConfig, resume: str) -> Path:
-    """runs/<name>. Without --name the variant names the run and a fresh run never reuses a folder."""
-    root = Path(cfg.train.runs_root)
-    if cfg.train.name:
-        run_dir = root / cfg.train.name
-        if resume == "no" and _has_checkpoints(run_dir):
-            raise MoegptError(f"{run_dir} already has checkpoints: pass --resume to continue it, "
-                              "or --name NEW for a new run")
-        return run_dir
-    base = root / cfg.moe.variant
-    if resume != "no":
-        return base
-    run_dir, n = base, 2
-    while run_dir.exists() and any(run_dir.iterdir()):
-        run_dir, n = root / f"{cfg.moe.variant}-{n}", n + 1
-    return run_dir
-
-
-def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices (and expert banks) only; gains and biases don't decay.
-
-    fused=True on CPU and CUDA: one kernel per parameter instead of a dozen elementwise passes (README,
-    "Dispatch backends", has the measured gain); MoE gains most because it holds several times the
-    parameters of its dense twin.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
 @dataclass
@@ -274,7 +214,7 @@ class Trainer:
         if self.dist.is_main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run.run_dir / "config.toml")
-            _truncate_metrics(run.metrics_path, keep_through_step=run.step)
+            truncate_metrics(run.metrics_path, keep_through_step=run.step)
         if t.compile:
             run.model = torch.compile(run.model)
         if self.dist.enabled and self.ep is None:  # expert-parallel runs sum their gradients themselves
@@ -351,7 +291,7 @@ class Trainer:
         t, step = self.cfg.train, run.step
         if step % t.log_interval == 0 or step == t.max_iters:
             now = time.perf_counter()
-            record = _log_record(step, run.tokens_seen, lr, self.ep.global_output(out) if self.ep else out, aux,
+            record = log_record(step, run.tokens_seen, lr, self.ep.global_output(out) if self.ep else out, aux,
                                  grad_norm, run.window_tokens / max(now - run.window_start, 1e-9),
                                  run.raw_model.moe_layers)
             record.update(train_s=round(run.train_s, 3), wall_s=round(run.wall_s + now - run.wall_start, 3))
@@ -456,43 +396,5 @@ class Trainer:
         return stop_signals_handled(handler)
 
 
-def _log_record(step: int, tokens: int, lr: float, out, aux: dict, grad_norm: torch.Tensor,
-                tokens_per_s: float, moe_layers: list[int]) -> dict[str, Any]:
-    stats = out.router_stats
-    aux = {k: float(v.detach()) for k, v in aux.items()}
-    ce, aux_total = float(out.loss.detach()), aux["total"]
-    record: dict[str, Any] = {
-        "step": step, "tokens": tokens, "lr": lr,
-        "loss": round(ce + aux_total, 5), "loss_ce": round(ce, 5),
-        "balance": round(aux["balance"], 5), "z": round(aux["z"], 5),
-        "seq_balance": round(aux["seq_balance"], 5), "grad_norm": round(float(grad_norm), 5),
-        "tokens_per_s": round(tokens_per_s, 1),
-    }
-    per_layer = []
-    for layer in moe_layers:
-        summary = layer_summary(stats[layer])
-        if summary is not None:
-            per_layer.append({"layer": layer, "balance": round(float(stats[layer].balance.detach()), 5),
-                              "z": round(float(stats[layer].z.detach()), 5), **summary})
-    record["layers"] = per_layer
-    return record
-
-
 def _no_reduce(tensor: torch.Tensor) -> None:
     """One process: a sum over ranks is the tensor itself."""
-
-
-def _has_checkpoints(run_dir: Path) -> bool:
-    return (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").glob("*.pt"))
-
-
-def _truncate_metrics(path: Path, keep_through_step: int) -> None:
-    """Drop records after the resume step (a run killed after its last checkpoint logged more), and a
-    last line torn by a kill or a full disk."""
-    if not path.exists():
-        return
-    if keep_through_step == 0:
-        path.unlink()
-        return
-    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= keep_through_step]
-    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -16,8 +16,8 @@ from moegpt.model import GPT, aux_losses
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.expert_parallel import ExpertParallelGroup, expert_parallel_forward, shard_bank
 from moegpt.moe.experts import ExpertBank
+from moegpt.optim import build_optimizer
 from moegpt.parallel import ExpertParallel
-from moegpt.train import build_optimizer
 
 VARIANTS = ("topk", "switch", "shared", "aux-free")
 STEPS = 10

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint
 from moegpt.cli.main import app
+from moegpt.optim import lr_at
 from moegpt.presets import resolve_config
 from moegpt.resume import keep_decay_horizon
-from moegpt.train import lr_at
 
 runner = CliRunner()
 

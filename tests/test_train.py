@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint
 from moegpt.cli.main import app
+from moegpt.optim import lr_at
 from moegpt.presets import resolve_config
-from moegpt.train import Trainer, lr_at
+from moegpt.train import Trainer
 
 runner = CliRunner()
 
