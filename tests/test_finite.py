@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_failure
+from cli_helpers import assert_one_line_failure, train_tiny
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -23,8 +23,7 @@ runner = CliRunner()
 def overflowing(tiny_data, tmp_path_factory):
     """A copy of a trained checkpoint whose layer-1 experts are huge but finite: their output overflows."""
     runs = tmp_path_factory.mktemp("runs")
-    result = runner.invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(tiny_data),
-                                 "--set", f"train.runs_root={runs}", "--name", "d", "--max-iters", "2"])
+    result = train_tiny(tiny_data, runs, "d")
     assert result.exit_code == 0, result.output
     state = load_checkpoint(resolve_checkpoint(runs / "d"))
     for name in ("w_in", "w_out"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, train_tiny
 from typer.testing import CliRunner
 
 from moegpt.cli.main import app
@@ -33,11 +33,6 @@ from moegpt.moe.stats import RouterStats
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=64)
-
-
-def tiny_train(tiny_data: Path, runs: Path, name: str, *flags: str):
-    return runner.invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(tiny_data),
-                               "--set", f"train.runs_root={runs}", "--name", name, "--max-iters", "2", *flags])
 
 
 # ---- capacity: one meaning ---------------------------------------------------------------------------
@@ -74,10 +69,10 @@ def test_experts_per_token_comes_from_the_variant(variant, expected):
 
 
 def test_train_banner_params_and_inspect_print_the_effective_k(tiny_data, tmp_path):
-    banner = tiny_train(tiny_data, tmp_path, "sw", "--moe", "switch")
+    banner = train_tiny(tiny_data, tmp_path, "sw", "--moe", "switch")
     assert banner.exit_code == 0, banner.output
     assert "switch E=4 k=1 capacity=1.25" in banner.output
-    basic = tiny_train(tiny_data, tmp_path, "basic", "--moe", "basic")
+    basic = train_tiny(tiny_data, tmp_path, "basic", "--moe", "basic")
     assert "basic E=4 k=4 " in basic.output
     report = json.loads(runner.invoke(app, ["inspect-routing", str(tmp_path / "basic"), "--format", "json",
                                             "--tokens", "256"]).stdout)
@@ -130,7 +125,7 @@ def test_registering_a_name_twice_is_refused():
 
 
 def test_unknown_variant_is_one_line(tiny_data, tmp_path):
-    result = tiny_train(tiny_data, tmp_path, "x", "--moe", "nope")
+    result = train_tiny(tiny_data, tmp_path, "x", "--moe", "nope")
     assert_one_line_error(result, "unknown MoE variant 'nope'")
     assert "nope" in " ".join(variant_problems(MoEConfig(variant="nope")))
 
@@ -139,7 +134,7 @@ def test_unknown_variant_is_one_line(tiny_data, tmp_path):
 
 def test_a_test_only_variant_trains_and_reports_through_the_cli(tiny_data, tmp_path):
     """tests/toy_variant.py is registered by conftest.py with one line: train and inspect know it."""
-    result = tiny_train(tiny_data, tmp_path, "toy", "--moe", "test-sigmoid-topk")
+    result = train_tiny(tiny_data, tmp_path, "toy", "--moe", "test-sigmoid-topk")
     assert result.exit_code == 0, result.output
     table = runner.invoke(app, ["inspect-routing", str(tmp_path / "toy"), "--tokens", "256"])
     assert table.exit_code == 0, table.output

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import train_tiny
 from typer.testing import CliRunner
 
 from moegpt.cli.main import app
@@ -119,8 +120,7 @@ def test_stream_decoder_never_splits_a_character():
 @pytest.fixture(scope="module")
 def char_run(tiny_data, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    result = runner.invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(tiny_data),
-                                 "--set", f"train.runs_root={runs}", "--name", "s", "--max-iters", "3"])
+    result = train_tiny(tiny_data, runs, "s", steps=3)
     assert result.exit_code == 0, result.output
     return runs / "s"
 
