@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 bench_app = typer.Typer(help="Benchmarks measured on this machine: MoE layer vs dense, model training throughput, "
-                             "KV-cache generation, equal-steps quality.", no_args_is_help=True)
+                             "KV-cache generation, equal-steps quality, expert-parallel scaling.",
+                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 Format = Annotated[str, typer.Option("--format", help="table (default) or json.")]
@@ -202,8 +203,9 @@ def bench_sample_command(
     preset: Annotated[str, typer.Option("--preset", help="Model preset (cpu, deepseek, tiny, gpu-small).")] = "cpu",
     moe: Annotated[str, typer.Option("--moe", help="Variant of the model.")] = "topk",
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to generate.")] = 256,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed rounds (each runs every mode once; "
-                                         "the best run per mode counts).")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed rounds (each runs every mode once): "
+                                         "tokens/s is the best run per mode, speedup the median of the "
+                                         "rounds' ratios.")] = 5,
     attention: Annotated[str | None, typer.Option(
         "--attention", help="Compare KV-cached sampling across attentions instead, e.g. mha,mla (on the llama "
         "trunk; mla runs both its absorbed and its plain decode): tokens/s and cache memory.")] = None,

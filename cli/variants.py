@@ -30,8 +30,13 @@ def variants_command(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="moegpt routing variants (--moe)")
-    for column in ("name", "what", "reference", "causal"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what (reference)", ratio=1)
+    for column in ("causal", "capacity", "extra stats"):
+        table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["description"], row["reference"], "yes" if row["causal"] else "[red]no[/]")
+        capacity = "-" if row["default_capacity_factor"] is None else \
+            "dropless" if row["default_capacity_factor"] == 0 else f"{row['default_capacity_factor']:g}"
+        table.add_row(row["name"], f"{row['description']} ({row['reference']})",
+                      "yes" if row["causal"] else "[red]no[/]", capacity, "\n".join(row["extra_stats"]) or "-")
     Console().print(table)

@@ -97,7 +97,7 @@ def _is(value: Any, kind: Any) -> bool:
 
 
 def validate_report(report: dict[str, Any], compare: bool = False) -> list[str]:
-    """Problems with a report against schema version 1 (empty list = valid)."""
+    """Problems with a report against the current schema version (empty list = valid)."""
     problems = []
     for key, kind in TOP_LEVEL.items():
         if compare and key in ("schema", "schema_version", "dead_threshold", "cross_layer"):
