@@ -5,6 +5,15 @@ One mapping per target architecture, each in its own module and registered in `m
 Exporting needs only safetensors; `verify.verify_export` (loading the folder back) needs transformers.
 """
 
+# each mapping module registers itself in MAPPINGS (no two accept the same model)
+from moegpt.export import (  # noqa: F401
+    deepseek_v2,
+    deepseek_v3,
+    gpt2,
+    llama,
+    mixtral,
+    qwen2_moe,
+)
 from moegpt.export.mapping import MAPPINGS, ExportRefused, Mapping, choose_mapping
 from moegpt.export.writer import ExportResult, export_run
 

@@ -16,14 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moegpt.errors import MoegptError
-
-# each mapping module registers itself (no two accept the same model)
-from moegpt.export import deepseek_v2 as _deepseek_v2  # noqa: F401
-from moegpt.export import deepseek_v3 as _deepseek_v3  # noqa: F401
-from moegpt.export import gpt2 as _gpt2  # noqa: F401
-from moegpt.export import llama as _llama  # noqa: F401
-from moegpt.export import mixtral as _mixtral  # noqa: F401
-from moegpt.export import qwen2_moe as _qwen2_moe  # noqa: F401
 from moegpt.export.card import generation_config, model_card
 from moegpt.export.hf_tokenizer import tokenizer_files
 from moegpt.export.mapping import Mapping, choose_mapping
