@@ -148,6 +148,32 @@ def routing_record(tok: Tokenizer, ids: list[int], routing: list[LayerRouting | 
     return {"prompt_tokens": prompt_len, "tokens": tokens}
 
 
+def check_options(run: str | None, show_routing: str | None, sampling: dict[str, str], num_samples: int,
+                  precision: str, routing_json: str | None) -> None:
+    """Every check that needs no model, so a bad flag fails before anything loads."""
+    if run is None:
+        raise MoegptError("missing argument RUN_OR_CHECKPOINT (a run folder or a checkpoint file)")
+    if show_routing is not None and not is_layer_spec(show_routing):
+        raise MoegptError(f"--show-routing takes a layer number or 'last' (got {show_routing!r})")
+    problems = [f"{SAMPLING_FLAGS[name]} {what}" for name, what in sampling.items()]
+    if num_samples < 1:
+        problems.append(f"--num-samples must be >= 1 (got {num_samples})")
+    if problems:
+        raise MoegptError("; ".join(problems))
+    if problem := precision_problem(precision, "--precision"):
+        raise MoegptError(problem)
+    if routing_json is not None and not Path(routing_json).resolve().parent.is_dir():
+        raise MoegptError(f"--routing-json {routing_json}: its folder does not exist")
+
+
+def print_legend(layer: int, n_expert: int) -> None:
+    legend = Text(f"routing: top-1 expert per token at layer {layer} (underlined: prompt): ")
+    for e in range(n_expert):
+        legend.append(f" {e} ", style=token_style(e)).append(" ")
+    legend.append(" none ", style=NO_EXPERT_STYLE)
+    colour_console(stderr=True, force=True).print(legend)
+
+
 @app.command("sample")
 def sample_command(
     run: RunArg = None,
@@ -199,20 +225,8 @@ def sample_command(
 
     if show_routing is not None and not is_layer_spec(show_routing) and run is None:
         run, show_routing = show_routing, "last"  # `--show-routing RUN`: the bare flag, then the run
-    if run is None:
-        raise MoegptError("missing argument RUN_OR_CHECKPOINT (a run folder or a checkpoint file)")
-    if show_routing is not None and not is_layer_spec(show_routing):
-        raise MoegptError(f"--show-routing takes a layer number or 'last' (got {show_routing!r})")
-    problems = [f"{SAMPLING_FLAGS[name]} {what}" for name, what in
-                sampling_problems(temperature, top_k, top_p, max_new_tokens).items()]
-    if num_samples < 1:
-        problems.append(f"--num-samples must be >= 1 (got {num_samples})")
-    if problems:
-        raise MoegptError("; ".join(problems))
-    if problem := precision_problem(precision, "--precision"):
-        raise MoegptError(problem)
-    if routing_json is not None and not Path(routing_json).resolve().parent.is_dir():
-        raise MoegptError(f"--routing-json {routing_json}: its folder does not exist")
+    check_options(run, show_routing, sampling_problems(temperature, top_k, top_p, max_new_tokens), num_samples,
+                  precision, routing_json)
     text = read_prompt(prompt, prompt_file)
     if temperature == 0 and num_samples > 1:
         print(f"note: --temperature 0 is greedy decoding: the {num_samples} samples will be identical",
@@ -240,11 +254,7 @@ def sample_command(
     # colours on a terminal, and always for --show-routing (the colours are the point; `less -R` shows them)
     out = colour_console(stderr=False, force=layer is not None) if layer is not None or sys.stdout.isatty() else None
     if layer is not None:
-        legend = Text(f"routing: top-1 expert per token at layer {layer} (underlined: prompt): ")
-        for e in range(model.moe_config.n_expert):
-            legend.append(f" {e} ", style=token_style(e)).append(" ")
-        legend.append(" none ", style=NO_EXPERT_STYLE)
-        colour_console(stderr=True, force=True).print(legend)
+        print_legend(layer, model.moe_config.n_expert)
 
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     generator = torch.Generator(device=dev).manual_seed(seed)
