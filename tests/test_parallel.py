@@ -19,13 +19,18 @@ from moegpt.moe.experts import ExpertBank
 from moegpt.optim import build_optimizer
 from moegpt.parallel import ExpertParallel
 
-VARIANTS = ("topk", "switch", "shared", "aux-free")
+# "aux-free@mla": the DeepSeek-shaped trunk (llama, MLA) around aux-free layers: sharding touches only experts
+VARIANTS = ("topk", "switch", "shared", "aux-free", "aux-free@mla")
 STEPS = 10
 PER_RANK_BATCH = 2
 
 
-def _configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
+def _configs(case: str) -> tuple[ModelConfig, MoEConfig]:
+    variant, _, trunk = case.partition("@")
     model = ModelConfig(vocab_size=37, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    if trunk == "mla":
+        model = ModelConfig(vocab_size=37, block_size=8, n_layer=2, n_head=2, n_embd=16, arch="llama",
+                            attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
     # large coefficients so router losses weigh in the gradients being compared
     moe = MoEConfig(variant=variant, n_expert=4, top_k=2, balance_coef=0.1, z_coef=0.01, seq_balance_coef=0.1,
                     bias_update_rate=0.05, capacity_factor=1.0 if variant == "switch" else 0.0)
