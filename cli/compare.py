@@ -73,7 +73,9 @@ def leaderboard_table(board: dict[str, Any], width: int = 100) -> Table:
     at_steps, at_time = _equal_headers(board)
     sort_column = SORT_KEYS[board["sort"]][0]
     several_groups = len(board["groups"]) > 1
-    table = Table(title=f"moegpt compare: {len(board['rows'])} runs, ranked by {board['sort']}", title_justify="left",
+    n = len(board["rows"])
+    title = f"moegpt compare: {n} run{'s' if n != 1 else ''}, ranked by {board['sort']}"
+    table = Table(title=title, title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), header_style="bold")
     # (header, the row column it can sort by, cell text of a row)
     columns: list[tuple[str, str | None, Any]] = [
