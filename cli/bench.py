@@ -66,7 +66,8 @@ SHORT_HEADINGS = {"n_tokens": "N", "d_model": "d", "n_expert": "E", "top_k": "k"
                   "gflops": "GF/s", "frac_of_peak": "of peak", "memory_ratio_to_dense": "mem x dense",
                   "ms_per_step": "ms/step", "tokens_per_s": "tokens/s", "ratio_to_first": "x first",
                   "total_params": "total params", "active_params": "active params",
-                  "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load"}
+                  "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load",
+                  "fixed_ms_per_moe_layer": "fixed ms/MoE layer", "val_ce_at_equal_time": "val CE equal time"}
 TABLE_WIDTH = 100
 
 
@@ -157,14 +158,28 @@ def bench_model_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
     dispatch: Annotated[str, typer.Option("--dispatch", help="Dispatch backends for MoE rows.")] = "sorted",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Sequences per step (default: "
+                                                   "the preset's).")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", min=1, help="Tokens per sequence (default: "
+                                                   "the preset's).")] = None,
+    activation: Annotated[str | None, typer.Option("--activation", help="FFN activation of every model: swiglu, "
+                                                   "gelu, relu, linear (default: the preset's).")] = None,
+    fixed_cost: Annotated[bool, typer.Option("--fixed-cost/--no-fixed-cost", help="Also time every model at "
+                                             "16 tokens per step and report each MoE model's extra ms per step "
+                                             "per MoE layer over the dense model.")] = True,
     fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Training tokens/s (fwd+bwd+clip+AdamW, as `moegpt train` steps) of the preset's model, MoE vs dense at
     equal active params.
 
     Models step in turn on the same batches; ratio_to_first is the median over rounds of the first model's
-    step time over this model's (with --precision both: the ratio of the medians)."""
+    step time over this model's (with --precision both: the ratio of the medians). fixed ms/MoE layer: the
+    median over rounds of (MoE step - dense step) at 16 tokens per step, divided by the MoE layers: the cost a
+    MoE layer adds per step whatever the batch (router, sort, expert blocks, stats, losses, and clip + AdamW
+    over the extra expert weights). nanoGPT's Shakespeare size: --batch-size 12 --block-size 64
+    --activation gelu."""
     from moegpt.bench import bench_model
+    from moegpt.moe import validate_run_config
     from moegpt.runtime import resolve_device
 
     check_format(fmt)
@@ -174,7 +189,11 @@ def bench_model_command(
     if any(precision_problem(p, choices=("fp32", "bf16")) for p in precisions):
         raise MoegptError(precision_problem(precision, "--precision", ("fp32", "bf16", "both")))
     backends = name_list(dispatch, list(DISPATCH_BACKENDS), "backend")
-    cfg = resolve_config(preset)
+    try:
+        cfg = validate_run_config(resolve_config(preset, flags={
+            "train.batch_size": batch_size, "model.block_size": block_size, "moe.activation": activation}))
+    except MoegptError as err:
+        raise MoegptError(f"--batch-size/--block-size/--activation: {err}") from None
     dev = resolve_device(device)
     tokens = _training_tokens(Path(cfg.data.data_root) / cfg.data.name)
     rows, result = [], {}
@@ -186,7 +205,7 @@ def bench_model_command(
                 label = f"{name}/{backend}" if routed and len(backends) > 1 else name
                 moe_cfgs[f"{label} {prec}"] = dataclasses.replace(cfg.moe, variant=name, dispatch=backend)
         result = bench_model(cfg.model, moe_cfgs, dev, batch_size=cfg.train.batch_size, steps=steps,
-                             precision=prec, tokens=tokens)
+                             precision=prec, tokens=tokens, fixed_cost=fixed_cost)
         rows += result["rows"]
     if len(precisions) > 1:  # rows of separate runs: no paired ratio across them, so medians' ratio
         baseline = rows[0]["tokens_per_s"]
@@ -194,7 +213,8 @@ def bench_model_command(
             row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
     render({**result, "precision": precision, "data": "stdlib" if tokens is not None else "random", "rows": rows},
            fmt, "moegpt bench model (training step, median)",
-           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"], wide=wide)
+           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "fixed_ms_per_moe_layer", "total_params",
+            "active_params"], wide=wide)
 
 
 @bench_app.command("sample")

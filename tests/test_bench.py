@@ -130,3 +130,37 @@ def test_tables_fit_100_columns_unless_wide(capsys):
     assert "2 threads (passive wait)" in narrow
     render(result, "table", "moegpt bench layer (fwd+bwd, median)", columns, wide=True)
     assert "memory_ratio_to_dense" in capsys.readouterr().out
+
+
+def test_bench_model_takes_batch_block_and_activation_and_reports_the_fixed_cost_per_moe_layer():
+    out = run_json(["model", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--block-size", "8",
+                    "--activation", "gelu", "--device", "cpu"])
+    assert (out["batch_size"], out["block_size"]) == (2, 8)
+    dense, topk = out["rows"]
+    assert dense["fixed_ms_per_moe_layer"] is None and isinstance(topk["fixed_ms_per_moe_layer"], float)
+    # GELU experts: one input matrix per expert instead of SwiGLU's two
+    swiglu = run_json(["model", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--block-size", "8",
+                       "--no-fixed-cost", "--device", "cpu"])
+    assert swiglu["rows"][1]["fixed_ms_per_moe_layer"] is None
+    assert topk["total_params"] != swiglu["rows"][1]["total_params"]
+
+
+def test_fixed_cost_is_the_median_extra_step_time_per_moe_layer(monkeypatch):
+    from moegpt import bench
+    from moegpt.config import ModelConfig, MoEConfig
+
+    times = {"dense": [1.0, 1.0, 9.0], "topk": [1.004, 1.006, 9.1], "half": [1.002, 1.002, 1.002]}
+    monkeypatch.setattr(bench, "_model_step_times", lambda *args: (times, {}))
+    cfgs = {"dense": MoEConfig(variant="dense"), "topk": MoEConfig(variant="topk"),
+            "half": MoEConfig(variant="topk", moe_every=2)}
+    fixed = bench.fixed_cost_per_moe_layer(ModelConfig(n_layer=4), cfgs, torch.device("cpu"))
+    assert fixed["dense"] is None
+    assert fixed["topk"] == round(0.006 * 1e3 / 4, 3)  # median of 4, 6 and 100 ms over 4 MoE layers
+    assert fixed["half"] == round(0.002 * 1e3 / 2, 3)  # moe_every=2: two MoE layers of four
+
+
+def test_bench_model_bad_activation_is_one_line():
+    result = runner.invoke(app, ["bench", "model", "--activation", "tanh"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moegpt: error:") and "tanh" in lines[0]
