@@ -67,7 +67,8 @@ SHORT_HEADINGS = {"n_tokens": "N", "d_model": "d", "n_expert": "E", "top_k": "k"
                   "ms_per_step": "ms/step", "tokens_per_s": "tokens/s", "ratio_to_first": "x first",
                   "total_params": "total params", "active_params": "active params",
                   "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load",
-                  "fixed_ms_per_moe_layer": "fixed ms/MoE layer", "val_ce_at_equal_time": "val CE equal time"}
+                  "fixed_ms_per_moe_layer": "fixed ms/MoE layer", "val_ce_at_equal_time": "val CE equal time",
+                  "train_s": "train s"}
 TABLE_WIDTH = 100
 
 
@@ -284,10 +285,16 @@ def bench_quality_command(
     preset: Annotated[str, typer.Option("--preset", help="Model and training preset.")] = "cpu",
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
+    evals: Annotated[int, typer.Option("--evals", min=1, help="Evaluations per run, evenly spaced: the points "
+                                       "between which the equal-time val CE is interpolated.")] = 10,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
     fmt: Format = "table", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
-    """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
+    """Train each variant for the same steps on the same data at equal active params: val CE, speed, load.
+
+    val_ce is at equal steps (the last step); val_ce_at_equal_time at equal training time: the training
+    seconds (optimizer steps only, evaluation and checkpoints excluded) of the run that finished first,
+    each run's val CE there interpolated linearly between its evaluations (none before a run's first)."""
     from moegpt.bench import bench_quality
 
     check_format(fmt)
@@ -305,9 +312,10 @@ def bench_quality_command(
         elif kind == "eval":
             console.print(f"{payload['variant']}: step {payload['step']} val_ce {payload['val_ce']:.4f}",
                           highlight=False)
-    result = bench_quality(cfg, names, steps, on_event=progress)
+    result = bench_quality(cfg, names, steps, on_event=progress, evals=evals)
     render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
-           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"], wide=wide)
+           ["variant", "val_ce", "val_ce_at_equal_time", "train_s", "tokens_per_s", "active_params", "total_params",
+            "max_mean_load"], wide=wide)
 
 
 @bench_app.command("ep")
