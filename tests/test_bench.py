@@ -70,6 +70,7 @@ def test_bench_sample_json():
     assert out["rows"][0]["kv_cache_speedup"] == 1.0 and out["rows"][1]["kv_cache_speedup"] == out["speedup"]
     assert out["speedup_best"] > 0
     assert out["same_tokens"] is True
+    assert out["decode_ops_per_token"] > 0
 
 
 def test_bench_quality_json(tiny_data):
