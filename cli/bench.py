@@ -264,7 +264,8 @@ def bench_sample_command(
     render({"machine": machine_info(dev), "new_tokens": new_tokens, "prompt_tokens": stats["prompt_tokens"],
             "context_keep": stats["context_keep"], "repeats": repeats, "speedup": round(stats["speedup"], 2),
             "speedup_best": round(stats["speedup_best"], 2), "same_tokens": stats["same_tokens"],
-            "decode_ops_per_token": sum(ops.values()), "rows": rows}, fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
+            "decode_ops_per_token": sum(ops.values()), "rows": rows},
+           fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
            ["mode", "tokens_per_s", "kv_cache_speedup"], wide=wide)
 
 
