@@ -67,7 +67,9 @@ SHORT_HEADINGS = {"n_tokens": "N", "d_model": "d", "n_expert": "E", "top_k": "k"
                   "gflops": "GF/s", "frac_of_peak": "of peak", "memory_ratio_to_dense": "mem x dense",
                   "ms_per_step": "ms/step", "tokens_per_s": "tokens/s", "ratio_to_first": "x first",
                   "total_params": "total params", "active_params": "active params",
-                  "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load"}
+                  "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load",
+                  "fixed_ms_per_moe_layer": "fixed ms/MoE layer", "val_ce_at_equal_time": "val CE equal time",
+                  "train_s": "train s"}
 TABLE_WIDTH = 100
 
 
@@ -158,14 +160,28 @@ def bench_model_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, or both.")] = "fp32",
     dispatch: Annotated[str, typer.Option("--dispatch", help="Dispatch backends for MoE rows.")] = "sorted",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per model.")] = 10,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Sequences per step (default: "
+                                                   "the preset's).")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", min=1, help="Tokens per sequence (default: "
+                                                   "the preset's).")] = None,
+    activation: Annotated[str | None, typer.Option("--activation", help="FFN activation of every model: swiglu, "
+                                                   "gelu, relu, linear (default: the preset's).")] = None,
+    fixed_cost: Annotated[bool, typer.Option("--fixed-cost/--no-fixed-cost", help="Also time every model at "
+                                             "16 tokens per step and report each MoE model's extra ms per step "
+                                             "per MoE layer over the dense model.")] = True,
     fmt: Format = "table", device: Device = "auto", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
     """Training tokens/s (fwd+bwd+clip+AdamW, as `moegpt train` steps) of the preset's model, MoE vs dense at
     equal active params.
 
     Models step in turn on the same batches; ratio_to_first is the median over rounds of the first model's
-    step time over this model's (with --precision both: the ratio of the medians)."""
+    step time over this model's (with --precision both: the ratio of the medians). fixed ms/MoE layer: the
+    median over rounds of (MoE step - dense step) at 16 tokens per step, divided by the MoE layers: the cost a
+    MoE layer adds per step whatever the batch (router, sort, expert blocks, stats, losses, and clip + AdamW
+    over the extra expert weights). nanoGPT's Shakespeare size: --batch-size 12 --block-size 64
+    --activation gelu."""
     from moegpt.bench import bench_model
+    from moegpt.moe import validate_run_config
     from moegpt.runtime import resolve_device
 
     check_format(fmt)
@@ -175,7 +191,11 @@ def bench_model_command(
     if any(precision_problem(p, choices=("fp32", "bf16")) for p in precisions):
         raise MoegptError(precision_problem(precision, "--precision", ("fp32", "bf16", "both")))
     backends = name_list(dispatch, list(DISPATCH_BACKENDS), "backend")
-    cfg = resolve_config(preset)
+    try:
+        cfg = validate_run_config(resolve_config(preset, flags={
+            "train.batch_size": batch_size, "model.block_size": block_size, "moe.activation": activation}))
+    except MoegptError as err:
+        raise MoegptError(f"--batch-size/--block-size/--activation: {err}") from None
     dev = resolve_device(device)
     tokens = _training_tokens(Path(cfg.data.data_root) / cfg.data.name)
     rows, result = [], {}
@@ -187,7 +207,7 @@ def bench_model_command(
                 label = f"{name}/{backend}" if routed and len(backends) > 1 else name
                 moe_cfgs[f"{label} {prec}"] = dataclasses.replace(cfg.moe, variant=name, dispatch=backend)
         result = bench_model(cfg.model, moe_cfgs, dev, batch_size=cfg.train.batch_size, steps=steps,
-                             precision=prec, tokens=tokens)
+                             precision=prec, tokens=tokens, fixed_cost=fixed_cost)
         rows += result["rows"]
     if len(precisions) > 1:  # rows of separate runs: no paired ratio across them, so medians' ratio
         baseline = rows[0]["tokens_per_s"]
@@ -195,7 +215,8 @@ def bench_model_command(
             row["ratio_to_first"] = round(row["tokens_per_s"] / baseline, 3)
     render({**result, "precision": precision, "data": "stdlib" if tokens is not None else "random", "rows": rows},
            fmt, "moegpt bench model (training step, median)",
-           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "total_params", "active_params"], wide=wide)
+           ["model", "ms_per_step", "tokens_per_s", "ratio_to_first", "fixed_ms_per_moe_layer", "total_params",
+            "active_params"], wide=wide)
 
 
 @bench_app.command("sample")
@@ -216,12 +237,14 @@ def bench_sample_command(
     Modes, alternated round by round: kv-cache; recompute (the same window, so the same tokens);
     recompute-crop (nanoGPT's way: always the last block_size tokens, a longer window past block_size).
     `speedup` is kv-cache over recompute: the median over rounds of the ratio within a round.
+    decode_ops_per_token: aten ops one cached decode step dispatches (forward of one token + its sampling).
     With --attention: KV-cached tokens/s, cache bytes per token and a full cache's bytes per attention."""
     import torch
 
     from moegpt.bench import machine_info
     from moegpt.generate import benchmark_generation
     from moegpt.model import GPT
+    from moegpt.op_count import decode_ops_per_token
     from moegpt.runtime import resolve_device
 
     check_format(fmt)
@@ -235,6 +258,7 @@ def bench_sample_command(
     model = GPT(cfg.model, cfg.moe).to(dev).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
     stats = benchmark_generation(model, prompt, new_tokens, repeats)
+    ops = decode_ops_per_token(model, prompt, new_tokens=min(8, cfg.model.block_size - prompt.shape[1] - 1))
     speedups = {"cached": 1.0, "recompute": stats["speedup"], "recompute_crop": stats["speedup_vs_crop"]}
     rows = [{"mode": mode, "tokens_per_s": round(stats[f"{key}_tokens_per_s"], 1),
              "kv_cache_speedup": round(speedups[key], 2)}
@@ -242,7 +266,8 @@ def bench_sample_command(
     render({"machine": machine_info(dev), "new_tokens": new_tokens, "prompt_tokens": stats["prompt_tokens"],
             "context_keep": stats["context_keep"], "repeats": repeats, "speedup": round(stats["speedup"], 2),
             "speedup_best": round(stats["speedup_best"], 2), "same_tokens": stats["same_tokens"],
-            "rows": rows}, fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
+            "decode_ops_per_token": sum(ops.values()), "rows": rows},
+           fmt, "moegpt bench sample (greedy; tokens/s of the best run, speedup: median of rounds)",
            ["mode", "tokens_per_s", "kv_cache_speedup"], wide=wide)
 
 
@@ -266,10 +291,16 @@ def bench_quality_command(
     preset: Annotated[str, typer.Option("--preset", help="Model and training preset.")] = "cpu",
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
+    evals: Annotated[int, typer.Option("--evals", min=1, help="Evaluations per run, evenly spaced: the points "
+                                       "between which the equal-time val CE is interpolated.")] = 10,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
     fmt: Format = "table", threads: opt.Threads = "auto", wide: Wide = False,
 ) -> None:
-    """Train each variant for the same steps on the same data at equal active params: val CE, speed, load."""
+    """Train each variant for the same steps on the same data at equal active params: val CE, speed, load.
+
+    val_ce is at equal steps (the last step); val_ce_at_equal_time at equal training time: the training
+    seconds (optimizer steps only, evaluation and checkpoints excluded) of the run that finished first,
+    each run's val CE there interpolated linearly between its evaluations (none before a run's first)."""
     from moegpt.bench import bench_quality
 
     check_format(fmt)
@@ -287,9 +318,10 @@ def bench_quality_command(
         elif kind == "eval":
             console.print(f"{payload['variant']}: step {payload['step']} val_ce {payload['val_ce']:.4f}",
                           highlight=False)
-    result = bench_quality(cfg, names, steps, on_event=progress)
+    result = bench_quality(cfg, names, steps, on_event=progress, evals=evals)
     render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
-           ["variant", "val_ce", "tokens_per_s", "wall_s", "active_params", "total_params", "max_mean_load"], wide=wide)
+           ["variant", "val_ce", "val_ce_at_equal_time", "train_s", "tokens_per_s", "active_params", "total_params",
+            "max_mean_load"], wide=wide)
 
 
 @bench_app.command("ep")

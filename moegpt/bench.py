@@ -7,6 +7,7 @@ Legend: N tokens, C (= d) width, E experts, K experts per token, H dense FFN hid
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -19,9 +20,10 @@ from typing import Any
 
 import torch
 
+from moegpt.compare import interpolate
 from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
-from moegpt.moe import build_ffn, validate_run_config
+from moegpt.moe import build_ffn, moe_layer_indices, validate_run_config
 from moegpt.optim import build_optimizer
 from moegpt.runtime import autocast
 
@@ -90,6 +92,11 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, repeats, 2, device)["mm"]
     return 2 * size**3 / seconds / 1e9
+
+
+# Tokens per step (batch 1) at which `fixed_cost_per_moe_layer` measures: too few for the matmuls to matter,
+# yet enough that a 64-expert top-8 layer still runs most of its experts' blocks (two rows each on average).
+FIXED_COST_TOKENS = 16
 
 
 @dataclass
@@ -186,11 +193,10 @@ def bench_layer(cases: list[LayerCase], backends: list[str], device: torch.devic
             "rows": rows}
 
 
-def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
-                batch_size: int = 16, steps: int = 10, warmup: int = 3, precision: str = "fp32",
-                tokens: torch.Tensor | None = None) -> dict[str, Any]:
-    """Training tokens/s (fwd+bwd+clip+AdamW, as the trainer steps) per model, interleaved step by step on the
-    same batches."""
+def _model_step_times(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
+                      batch_size: int, steps: int, warmup: int, precision: str,
+                      tokens: torch.Tensor | None) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+    """Seconds of every training step per model (stepping in turn on the same batch) and parameter counts."""
     gen = torch.Generator().manual_seed(0)
     T = model_cfg.block_size
     if tokens is None:
@@ -218,42 +224,93 @@ def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         runs[name] = run
-    times = interleaved_times(runs, steps, warmup, device)
+    return interleaved_times(runs, steps, warmup, device), params
+
+
+def fixed_cost_per_moe_layer(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
+                             steps: int = 10, warmup: int = 3, precision: str = "fp32",
+                             n_tokens: int = FIXED_COST_TOKENS) -> dict[str, float | None]:
+    """Milliseconds a training step of each model costs beyond the first non-routed model's, per MoE layer,
+    at a token count so small that the expert matmuls cost next to nothing: what a MoE layer pays per step
+    whatever the batch (router, sort, per-expert blocks, stats, losses, and clip + AdamW over the extra
+    expert weights). The median over rounds of the within-round difference; None for non-routed models."""
+    tiny_cfg = dataclasses.replace(model_cfg, block_size=min(n_tokens, model_cfg.block_size))
+    times, _ = _model_step_times(tiny_cfg, moe_cfgs, device, 1, steps, warmup, precision, None)
+    baselines = [name for name, cfg in moe_cfgs.items() if not moe_layer_indices(cfg, model_cfg.n_layer)]
+    result: dict[str, float | None] = {}
+    for name, cfg in moe_cfgs.items():
+        layers = len(moe_layer_indices(cfg, model_cfg.n_layer))
+        if not layers or not baselines:
+            result[name] = None
+            continue
+        extra = statistics.median(m - b for m, b in zip(times[name], times[baselines[0]], strict=True))
+        result[name] = round(extra * 1e3 / layers, 3)
+    return result
+
+
+def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: torch.device,
+                batch_size: int = 16, steps: int = 10, warmup: int = 3, precision: str = "fp32",
+                tokens: torch.Tensor | None = None, fixed_cost: bool = False) -> dict[str, Any]:
+    """Training tokens/s (fwd+bwd+clip+AdamW, as the trainer steps) per model, interleaved step by step on the
+    same batches; with fixed_cost, each MoE model's `fixed_cost_per_moe_layer` too."""
+    T = model_cfg.block_size
+    times, params = _model_step_times(model_cfg, moe_cfgs, device, batch_size, steps, warmup, precision, tokens)
+    fixed = (fixed_cost_per_moe_layer(model_cfg, moe_cfgs, device, steps, warmup, precision) if fixed_cost
+             else dict.fromkeys(moe_cfgs))
     base = next(iter(times))
     medians = {name: statistics.median(runs) for name, runs in times.items()}
     rows = [{"model": name, "ms_per_step": round(s * 1e3, 2), "tokens_per_s": round(batch_size * T / s, 1),
              "ratio_to_first": round(paired_ratio(times[base], times[name]), 3), "total_params": params[name]["total"],
-             "active_params": params[name]["active"]} for name, s in medians.items()]
+             "active_params": params[name]["active"], "fixed_ms_per_moe_layer": fixed[name]}
+            for name, s in medians.items()]
     return {"machine": machine_info(device), "precision": precision, "batch_size": batch_size,
             "block_size": T, "rows": rows}
 
 
-def bench_quality(base_cfg, variants: list[str], steps: int, on_event=None) -> dict[str, Any]:
-    """Train each variant for the same steps on the same data with equal active params; val CE etc."""
+def bench_quality(base_cfg, variants: list[str], steps: int, on_event=None, evals: int = 10) -> dict[str, Any]:
+    """Train each variant for the same steps on the same data with equal active params; val CE at equal steps
+    and at equal training time (see `equal_time_val_ce`), speed, load. Each run evaluates `evals` times."""
     from moegpt.train import Trainer
 
-    rows = []
+    rows, curves = [], []
     with tempfile.TemporaryDirectory(prefix="moegpt-quality-") as runs_root:
         for variant in variants:
             cfg = type(base_cfg).from_dict(base_cfg.to_dict())
             cfg.moe.variant = variant
             cfg.train.max_iters = steps
-            cfg.train.eval_interval = steps
+            cfg.train.eval_interval = max(1, steps // max(1, evals))
             cfg.train.ckpt_interval = steps
             cfg.train.runs_root = runs_root
             cfg.train.name = variant
             validate_run_config(cfg)
             last_log: dict[str, Any] = {}
+            curve: list[tuple[float, float]] = []  # (train_s, val CE) of the run's evaluation records
 
-            def capture(kind: str, payload: dict[str, Any], last_log=last_log, variant=variant) -> None:
+            def capture(kind: str, payload: dict[str, Any], last_log=last_log, curve=curve, variant=variant) -> None:
                 if kind == "log":
                     last_log.update(payload)
+                elif kind == "eval":
+                    curve.append((float(payload["train_s"]), float(payload["val_ce"])))
                 if on_event:
                     on_event(kind, {**payload, "variant": variant})
             summary = Trainer(cfg, on_event=capture).run()
             layers = last_log.get("layers", [])
+            curves.append(curve)
             rows.append({"variant": variant, "val_ce": round(summary["final_val_ce"], 4),
+                         "train_s": round(curve[-1][0], 1),
                          "tokens_per_s": round(summary["tokens_per_s"], 1), "wall_s": round(summary["wall_s"], 1),
                          "active_params": summary["params"]["active"], "total_params": summary["params"]["total"],
                          "max_mean_load": max((lay["max_mean_load"] for lay in layers), default=None)})
-    return {"machine": machine_info(), "steps": steps, "rows": rows}
+    budget, at_budget = equal_time_val_ce(curves)
+    for row, value in zip(rows, at_budget, strict=True):
+        row["val_ce_at_equal_time"] = None if value is None else round(value, 4)
+    return {"machine": machine_info(), "steps": steps, "equal_time_s": round(budget, 1), "rows": rows}
+
+
+def equal_time_val_ce(curves: list[list[tuple[float, float]]]) -> tuple[float, list[float | None]]:
+    """The training-time budget every run reached (the shortest run's last evaluation, in train_s: seconds of
+    optimizer steps, evaluation and checkpoints excluded) and each run's val CE there, interpolated linearly
+    between its evaluations; None for a run whose first evaluation came after the budget."""
+    budget = min(curve[-1][0] for curve in curves)
+    values = [interpolate([t for t, _ in curve], [ce for _, ce in curve], budget) for curve in curves]
+    return budget, values

@@ -70,6 +70,7 @@ def test_bench_sample_json():
     assert out["rows"][0]["kv_cache_speedup"] == 1.0 and out["rows"][1]["kv_cache_speedup"] == out["speedup"]
     assert out["speedup_best"] > 0
     assert out["same_tokens"] is True
+    assert out["decode_ops_per_token"] > 0
 
 
 def test_bench_quality_json(tiny_data):
@@ -79,6 +80,22 @@ def test_bench_quality_json(tiny_data):
     assert set(rows) == {"dense", "topk"}
     assert rows["dense"]["max_mean_load"] is None and rows["topk"]["max_mean_load"] >= 1.0
     assert all(row["val_ce"] > 0 for row in rows.values())
+    # the run that finished training first set the budget: its equal-time value is its last evaluation
+    first = min(rows.values(), key=lambda row: row["train_s"])
+    assert out["equal_time_s"] == first["train_s"]
+    assert abs(first["val_ce_at_equal_time"] - first["val_ce"]) <= 1e-4
+    assert all(row["val_ce_at_equal_time"] is None or row["val_ce_at_equal_time"] > 0 for row in rows.values())
+
+
+def test_equal_time_val_ce_interpolates_each_curve_at_the_shortest_runs_end():
+    from moegpt.bench import equal_time_val_ce
+
+    fast = [(1.0, 4.0), (2.0, 3.0)]
+    slow = [(1.5, 4.5), (3.5, 2.5)]  # at 2.0 s: a quarter of the way from 4.5 to 2.5
+    late = [(2.5, 3.9), (5.0, 2.0)]  # first evaluated after the budget: no value
+    budget, values = equal_time_val_ce([fast, slow, late])
+    assert budget == 2.0
+    assert values == [3.0, 4.0, None]
 
 
 def test_bench_bad_input_is_one_line():
@@ -130,3 +147,37 @@ def test_tables_fit_100_columns_unless_wide(capsys):
     assert "2 threads (passive wait)" in narrow
     render(result, "table", "moegpt bench layer (fwd+bwd, median)", columns, wide=True)
     assert "memory_ratio_to_dense" in capsys.readouterr().out
+
+
+def test_bench_model_takes_batch_block_and_activation_and_reports_the_fixed_cost_per_moe_layer():
+    out = run_json(["model", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--block-size", "8",
+                    "--activation", "gelu", "--device", "cpu"])
+    assert (out["batch_size"], out["block_size"]) == (2, 8)
+    dense, topk = out["rows"]
+    assert dense["fixed_ms_per_moe_layer"] is None and isinstance(topk["fixed_ms_per_moe_layer"], float)
+    # GELU experts: one input matrix per expert instead of SwiGLU's two
+    swiglu = run_json(["model", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--block-size", "8",
+                       "--no-fixed-cost", "--device", "cpu"])
+    assert swiglu["rows"][1]["fixed_ms_per_moe_layer"] is None
+    assert topk["total_params"] != swiglu["rows"][1]["total_params"]
+
+
+def test_fixed_cost_is_the_median_extra_step_time_per_moe_layer(monkeypatch):
+    from moegpt import bench
+    from moegpt.config import ModelConfig, MoEConfig
+
+    times = {"dense": [1.0, 1.0, 9.0], "topk": [1.004, 1.006, 9.1], "half": [1.002, 1.002, 1.002]}
+    monkeypatch.setattr(bench, "_model_step_times", lambda *args: (times, {}))
+    cfgs = {"dense": MoEConfig(variant="dense"), "topk": MoEConfig(variant="topk"),
+            "half": MoEConfig(variant="topk", moe_every=2)}
+    fixed = bench.fixed_cost_per_moe_layer(ModelConfig(n_layer=4), cfgs, torch.device("cpu"))
+    assert fixed["dense"] is None
+    assert fixed["topk"] == round(0.006 * 1e3 / 4, 3)  # median of 4, 6 and 100 ms over 4 MoE layers
+    assert fixed["half"] == round(0.002 * 1e3 / 2, 3)  # moe_every=2: two MoE layers of four
+
+
+def test_bench_model_bad_activation_is_one_line():
+    result = runner.invoke(app, ["bench", "model", "--activation", "tanh"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moegpt: error:") and "tanh" in lines[0]

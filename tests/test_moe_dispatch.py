@@ -218,3 +218,20 @@ def test_inference_path_follows_weight_updates():
     with torch.no_grad():  # used outside inference_mode too (plain no_grad evaluation)
         torch.testing.assert_close(run_experts(x, idx, w, bank, "sorted"), reference(x, idx, w, bank),
                                    atol=TOL, rtol=TOL)
+
+
+def test_one_thread_index_add_matches_index_add_and_restores_the_thread_count():
+    from moegpt.moe.sorted_experts import index_add_rows_
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randn(5, 8, generator=gen)
+        index = torch.tensor([3, 0, 3, 7, 1])  # a repeated row accumulates
+        out = torch.randn(9, 8, generator=gen)
+        expected = out.clone().index_add_(0, index, rows)
+        assert torch.equal(index_add_rows_(out, index, rows), expected) and torch.equal(out, expected)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

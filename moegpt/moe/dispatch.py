@@ -17,6 +17,7 @@ and gradients). Legend: N tokens, K choices per token, C width, E experts, M = k
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moegpt.config import DISPATCH_BACKENDS
@@ -61,6 +62,7 @@ def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: Expe
     # A row's output is sum_j gate_j * (a_j @ w_out[e_j]): the first product and gate come from one mm,
     # the next are accumulated by addmm (beta scales what is there, alpha the new product).
     w_in_E, w_out_E = bank.expert_views()
+    gate_up_E = bank.gate_up_views() if bank.activation == "swiglu" else None
     rows = []
     for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK.tolist(), strict=True)):
         x_1C = x_NC if x_NC.shape[0] == 1 else x_NC[n:n + 1]
@@ -70,6 +72,9 @@ def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: Expe
                 continue
             if w_out_E is None:  # linear: the expert is its one matmul
                 a_1X, w_XC = x_1C, w_in_E[e]
+            elif gate_up_E is not None:
+                gate_CH, up_CH = gate_up_E[e]
+                a_1X, w_XC = F.silu(x_1C @ gate_CH) * (x_1C @ up_CH), w_out_E[e]
             else:
                 a_1X, w_XC = activate(x_1C @ w_in_E[e], bank.activation), w_out_E[e]
             if y_1C is None:

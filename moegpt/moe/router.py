@@ -151,7 +151,7 @@ class RoutedMoE(FFNLayer):
             y_NC = expert_parallel_forward(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch, ep)
         generating = is_generating()
         if generating:
-            balance = z = seq_balance = logits_NE.new_zeros(())
+            balance = z = seq_balance = _zero(logits_NE)
         elif ep is None:
             balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
         else:
@@ -178,6 +178,19 @@ class RoutedMoE(FFNLayer):
 def _fp32(t: Tensor) -> Tensor:
     # .float() on an fp32 tensor returns it unchanged but is still an op call (a generated token makes ~10)
     return t if t.dtype == torch.float32 else t.float()
+
+
+_ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    """A shared 0-d zero of like's device and dtype: generation's losses, which nothing reads or writes
+    (a new tensor per layer and generated token is an op each)."""
+    key = (like.device, like.dtype)
+    if key not in _ZEROS:
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable outside inference_mode
+            _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+    return _ZEROS[key]
 
 
 def _detached(t: Tensor) -> Tensor:

@@ -81,7 +81,21 @@ def _gather_rows(src_NX: Tensor, tok_n: Tensor, n_pad: int) -> Tensor:
 def _add_rows(out_NX: Tensor, tok_n: Tensor, rows_nX: Tensor) -> None:
     """out[tok_n[i]] += rows[i] for the block's real rows (padding rows, past len(tok_n), are skipped)."""
     n = tok_n.shape[0]
-    out_NX.index_add_(0, tok_n, rows_nX if rows_nX.shape[0] == n else rows_nX[:n])
+    index_add_rows_(out_NX, tok_n, rows_nX if rows_nX.shape[0] == n else rows_nX[:n])
+
+
+def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
+    """out.index_add_(0, index, rows), on CPU with one OpenMP thread: torch's multi-threaded CPU index_add
+    costs hundreds of microseconds even for a few rows (README, "Measured on the 2-core development
+    machine"), more than a one-thread add of a whole layer's rows. Same result either way."""
+    if torch.compiler.is_compiling() or out_NX.device.type != "cpu" or torch.get_num_threads() == 1:
+        return out_NX.index_add_(0, index_n, rows_nX)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out_NX.index_add_(0, index_n, rows_nX)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _padded_counts(counts_E: list[int], bucket: int) -> list[int]:
