@@ -1,8 +1,8 @@
 """Typer command-line interface of moegpt (installed as `moegpt.cli`).
 
-First thing, before any command can import torch: OpenMP's passive wait policy (moegpt/threads.py).
+First thing, before any command can import torch: OpenMP's short spin-then-sleep wait (moegpt/threads.py).
 """
 
-from moegpt.threads import prefer_passive_wait
+from moegpt.threads import prefer_short_spin
 
-prefer_passive_wait()
+prefer_short_spin()

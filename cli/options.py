@@ -42,7 +42,8 @@ BlockSize = Annotated[int | None, typer.Option("--block-size", help="Context len
 Threads = Annotated[str, typer.Option(
     "--threads", metavar="N|auto",
     help="Intra-op CPU threads. auto: OMP_NUM_THREADS when set, else every core this process may use; OpenMP "
-         "threads wait passively (asleep, not spinning) unless OMP_WAIT_POLICY is set, so a busy core "
+         "threads spin briefly, then sleep, while they wait (unless OMP_WAIT_POLICY, GOMP_SPINCOUNT or "
+         "KMP_BLOCKTIME is set), so a busy core "
          "elsewhere does not stall them.")]
 VocabSize = Annotated[int | None, typer.Option(
     "--vocab-size", help="Vocabulary size (taken from the data when training).")]

@@ -26,6 +26,7 @@ from moegpt.model import GPT, aux_losses
 from moegpt.moe import build_ffn, moe_layer_indices, validate_run_config
 from moegpt.optim import build_optimizer
 from moegpt.runtime import autocast
+from moegpt.threads import wait_policy
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default").lower(),
+            "omp_wait_policy": wait_policy(),
             "python": platform.python_version()}
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

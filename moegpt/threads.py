@@ -1,12 +1,14 @@
 """How many intra-op threads torch uses, and how its OpenMP threads wait.
 
-OpenMP threads that finish their share of an op spin at a barrier for the others by default. When
-another process is busy on one of the cores (a browser, a second training run), the spinning thread
-burns its core while the one it waits for sits descheduled, and every op pays a scheduler time slice:
-training slows by an order of magnitude while producing identical numbers. The passive wait policy
-makes waiting threads sleep instead, which costs little on an idle machine. libgomp reads
-OMP_WAIT_POLICY once, when torch loads it, so `prefer_passive_wait` must run before `import torch`;
-the CLI calls it first thing, and a value the user set is kept.
+OpenMP threads that finish their share of an op spin at a barrier for the others (libgomp: 300,000
+spins, then sleep). When another process is busy on one of the cores (a browser, a second training run),
+the spinning thread burns its core while the one it waits for sits descheduled, and every op pays a
+scheduler time slice: training slows by several times while producing identical numbers. Never spinning
+(OMP_WAIT_POLICY=PASSIVE) fixes that but makes every hand-off a wake-up, which a MoE step of many small
+ops pays on an idle machine. A short spin before sleeping keeps both: moegpt sets GOMP_SPINCOUNT (libgomp,
+torch's OpenMP on Linux) and KMP_BLOCKTIME (LLVM/Intel OpenMP) to short values (README, "Threads", has
+the measurements). OpenMP reads them once, when torch loads it, so `prefer_short_spin` must run before
+`import torch`; the CLI calls it first thing, and any wait setting the user made is kept.
 """
 
 from __future__ import annotations
@@ -15,12 +17,23 @@ import os
 
 from moegpt.errors import MoegptError
 
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+SHORT_SPIN = {"GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "1"}  # spins (libgomp) / milliseconds (LLVM, Intel)
 
 
-def prefer_passive_wait() -> None:
-    """Ask OpenMP for sleeping (not spinning) waits, unless the user chose a policy. Before torch loads."""
-    os.environ.setdefault(WAIT_POLICY_ENV, "PASSIVE")
+def prefer_short_spin() -> None:
+    """Waiting OpenMP threads spin briefly, then sleep, unless the user set any wait setting. Before torch loads."""
+    if not any(name in os.environ for name in WAIT_SETTINGS):
+        os.environ.update(SHORT_SPIN)
+
+
+def wait_policy() -> str:
+    """How OpenMP threads wait in this process, for bench headers: 'short spin', the user's policy, or 'default'."""
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return os.environ["OMP_WAIT_POLICY"].lower()
+    if os.environ.get("GOMP_SPINCOUNT") == SHORT_SPIN["GOMP_SPINCOUNT"]:
+        return "short spin"
+    return f"spin {os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "default"
 
 
 def usable_cores() -> int:

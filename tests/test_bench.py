@@ -136,7 +136,8 @@ def test_bench_sample_bad_attention_is_one_line():
 def test_tables_fit_100_columns_unless_wide(capsys):
     from moegpt.cli.bench import render
 
-    machine = {"cpu": "Intel(R) Xeon(R) Platinum 8488C", "torch": "2.13.0", "threads": 2, "omp_wait_policy": "passive"}
+    machine = {"cpu": "Intel(R) Xeon(R) Platinum 8488C", "torch": "2.13.0", "threads": 2,
+               "omp_wait_policy": "short spin"}
     row = {"n_tokens": 8192, "d_model": 256, "n_expert": 64, "top_k": 8, "impl": "bucketed", "ms": 123.45,
            "ratio_to_dense": 1.234, "gflops": 123.4, "frac_of_peak": 0.456, "memory_ratio_to_dense": 0.601}
     columns = list(row)
@@ -144,7 +145,7 @@ def test_tables_fit_100_columns_unless_wide(capsys):
     render(result, "table", "moegpt bench layer (fwd+bwd, median)", columns)
     narrow = capsys.readouterr().out
     assert max(len(line) for line in narrow.splitlines()) <= 100 and "x dense" in narrow
-    assert "2 threads (passive wait)" in narrow
+    assert "2 threads (short spin wait)" in narrow
     render(result, "table", "moegpt bench layer (fwd+bwd, median)", columns, wide=True)
     assert "memory_ratio_to_dense" in capsys.readouterr().out
 

@@ -1,4 +1,4 @@
-"""Thread policy: --threads N|auto, and OpenMP's passive wait policy set before torch loads (checked in
+"""Thread policy: --threads N|auto, and OpenMP's short spin-then-sleep wait set before torch loads (checked in
 libgomp's own report of its settings, not by timing)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from moegpt.cli.main import app
 from moegpt.errors import MoegptError
-from moegpt.threads import resolve_threads, usable_cores
+from moegpt.threads import SHORT_SPIN, WAIT_SETTINGS, prefer_short_spin, resolve_threads, usable_cores, wait_policy
 
 runner = CliRunner()
 LOAD_TORCH = "import moegpt.cli.main, torch; torch.ones(2)"
@@ -40,7 +40,7 @@ def test_cli_rejects_a_bad_thread_count(tmp_path):
 
 def gomp_settings(code: str, **env: str) -> str:
     """libgomp's report of the settings it read when torch loaded it (OMP_DISPLAY_ENV)."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    clean = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**clean, "OMP_DISPLAY_ENV": "VERBOSE", **env})
     assert done.returncode == 0, done.stderr
@@ -48,9 +48,23 @@ def gomp_settings(code: str, **env: str) -> str:
 
 
 @pytest.mark.slow
-def test_cli_makes_openmp_wait_passively():
+def test_cli_makes_openmp_spin_briefly():
     if "GOMP_SPINCOUNT" not in gomp_settings("import torch; torch.ones(2)"):
         pytest.skip("torch here is not built with GNU OpenMP")
-    assert "GOMP_SPINCOUNT = '0'" not in gomp_settings("import torch; torch.ones(2)")  # spins by default
-    assert "GOMP_SPINCOUNT = '0'" in gomp_settings(LOAD_TORCH)  # the CLI's passive policy reached libgomp
+    short = f"GOMP_SPINCOUNT = '{SHORT_SPIN['GOMP_SPINCOUNT']}'"
+    assert short not in gomp_settings("import torch; torch.ones(2)")  # libgomp's own default spins far longer
+    assert short in gomp_settings(LOAD_TORCH)  # the CLI's short spin reached libgomp
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in gomp_settings(LOAD_TORCH, OMP_WAIT_POLICY="active")  # a user's wins
+    assert short not in gomp_settings(LOAD_TORCH, OMP_WAIT_POLICY="passive")
+
+
+def test_short_spin_only_where_the_user_set_nothing(monkeypatch):
+    for name in WAIT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    prefer_short_spin()
+    assert {name: os.environ.get(name) for name in SHORT_SPIN} == SHORT_SPIN and wait_policy() == "short spin"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.delenv("KMP_BLOCKTIME")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    prefer_short_spin()
+    assert "GOMP_SPINCOUNT" not in os.environ and wait_policy() == "passive"
