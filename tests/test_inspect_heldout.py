@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moegpt.inspect.heldout import RANDOM_WINDOWS, WHOLE_SPLIT, collect_windows, route_held_out, sample_windows
+from moegpt.inspect.heldout import RANDOM_WINDOWS, WHOLE_SPLIT, route_held_out, sample_windows
+from moegpt.inspect.report import collect_windows
 from moegpt.model import GPT
 from moegpt.presets import resolve_config
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moegpt.inspect.report import Collected, accumulator_for, collect_routing
+from moegpt.inspect.report import Collected, collect_routing, collect_windows
 
 SAMPLE_SEED = 0
 WHOLE_SPLIT = "the whole split"
@@ -26,30 +26,6 @@ def sample_windows(data: np.ndarray, n_tokens: int, block_size: int, seed: int =
     starts = np.random.default_rng(seed).integers(0, len(data) - block_size, size=len(lengths))
     order = np.argsort(starts, kind="stable")
     return [np.asarray(data[starts[i]:starts[i] + lengths[i] + 1], dtype=np.int64) for i in order]
-
-
-@torch.no_grad()
-def collect_windows(model: torch.nn.Module, windows: list[np.ndarray], batch_size: int) -> Collected:
-    """Route and score each window (inputs w[:-1], targets w[1:]); windows of one length batch together."""
-    device = next(model.parameters()).device
-    acc = accumulator_for(model)
-    by_length: dict[int, list[np.ndarray]] = {}
-    for window in windows:
-        by_length.setdefault(len(window), []).append(window)
-    batches = [group[i:i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
-    was_training, ce_sum, n = model.training, 0.0, 0
-    model.eval()
-    try:
-        for batch in batches:
-            rows = torch.as_tensor(np.stack(batch))
-            x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
-            out = model(x, y)
-            ce_sum += float(out.loss) * x.numel()
-            n += x.numel()
-            acc.update(out.router_stats, x.reshape(-1))
-    finally:
-        model.train(was_training)
-    return Collected(accumulator=acc, ce=ce_sum / n, tokens=n)
 
 
 def route_held_out(model: torch.nn.Module, data: np.ndarray, n_tokens: int, batch_size: int,

@@ -279,7 +279,6 @@ def _windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
     return [(s, min(block_size, n_tokens - s)) for s in range(0, n_tokens, block_size)]
 
 
-@torch.no_grad()
 def accumulator_for(model: torch.nn.Module) -> RoutingAccumulator:
     """An empty accumulator for the model's MoE layers, counting the statistics its variant declares."""
     extra_stats = variant_spec(model.moe_config.variant).extra_stats
@@ -290,25 +289,34 @@ def collect_routing(model: torch.nn.Module, token_ids: np.ndarray | Tensor, batc
                     device: torch.device | str | None = None) -> Collected:
     """Run `model` in eval mode over non-overlapping windows of `token_ids` (1-D; the last id is only a
     target) and accumulate routing counts and the cross-entropy of every position but that last id."""
-    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+    ids = np.asarray(token_ids, dtype=np.int64)
     n = len(ids) - 1
     if n < 1:
         raise MoegptError("need at least two tokens")
+    return collect_windows(model, [ids[s:s + length + 1] for s, length in _windows(n, block_size)], batch_size,
+                           device)
+
+
+@torch.no_grad()
+def collect_windows(model: torch.nn.Module, windows: list[np.ndarray], batch_size: int,
+                    device: torch.device | str | None = None) -> Collected:
+    """Route and score each window (inputs w[:-1], targets w[1:]) in eval mode; windows of one length batch
+    together, in order of first appearance."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     acc = accumulator_for(model)
-    windows = _windows(n, block_size)
-    full = [w for w in windows if w[1] == block_size]
-    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + \
-        [[w] for w in windows if w[1] != block_size]
-    ce_sum = 0.0
+    by_length: dict[int, list[np.ndarray]] = {}
+    for window in windows:
+        by_length.setdefault(len(window), []).append(window)
+    batches = [group[i:i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+    was_training, ce_sum, n = model.training, 0.0, 0
+    model.eval()
     try:
-        for group in groups:
-            rows = torch.stack([ids[s:s + length + 1] for s, length in group])
+        for batch in batches:
+            rows = torch.as_tensor(np.stack(batch))
             x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
             out = model(x, y)
             ce_sum += float(out.loss) * x.numel()
+            n += x.numel()
             acc.update(out.router_stats, x.reshape(-1))
     finally:
         model.train(was_training)
