@@ -92,6 +92,7 @@ class Trainer:
         self.device = device_for_rank(self.dist, cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self._signal: int | None = None
+        self._fault_nan_step = int(os.environ.get(FAULT_NAN_ENV, "0"))  # test hook, read once
         self._run_lock: RunLock | None = None
         self.ep: ExpertParallel | None = None  # set when the run shards its experts over processes
 
@@ -247,7 +248,7 @@ class Trainer:
                     out = run.model(x, y)
                     aux = aux_losses(out.router_stats, cfg.moe)
                     loss = out.loss + aux["total"]
-                if int(os.environ.get(FAULT_NAN_ENV, "0")) == run.step + 1:
+                if self._fault_nan_step == run.step + 1:
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
