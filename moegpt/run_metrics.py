@@ -23,6 +23,7 @@ from moegpt.checkpoint_peek import peek_checkpoint
 from moegpt.config import RunConfig
 from moegpt.errors import MoegptError
 from moegpt.model import GPT
+from moegpt.safe_io import read_step_records
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
@@ -85,22 +86,11 @@ class RunRecord:
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, bool]:
     """(log records, eval records, skipped complete lines, torn tail) of one metrics.jsonl."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    complete, _, tail = text.rpartition("\n")
+    records, skipped, torn = read_step_records(path)
     logs: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    skipped = 0
-    for line in complete.split("\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            skipped += 1
-        elif "val_ce" in record:
+    for record in records:
+        if "val_ce" in record:
             evals.append(record)
         elif "loss_ce" in record:
             logs.append(record)
@@ -108,7 +98,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             skipped += 1
     logs.sort(key=lambda r: r["step"])
     evals.sort(key=lambda r: r["step"])
-    return logs, evals, skipped, bool(tail.strip())
+    return logs, evals, skipped, torn
 
 
 # Weight initialisers (torch.nn.init functions and the Tensor methods they call): they only fill values

@@ -105,6 +105,28 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             os.close(fd)
 
 
+def read_step_records(path: str | Path) -> tuple[list[dict[str, Any]], int, bool]:
+    """(records that carry an integer "step", complete lines skipped as unreadable, whether a torn last line
+    was dropped) of a metrics file that may still be being written. Never raises on its content: for the
+    readers of a run (compare, inspect-routing, export), unlike `read_jsonl` for the trainer's own resume."""
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    complete, _, tail = text.rpartition("\n")
+    records, skipped = [], 0
+    for line in complete.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped, bool(tail.strip())
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The JSON records of a JSON-lines file; an unterminated or unparsable last line is dropped."""
     path = Path(path)

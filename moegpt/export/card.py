@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from moegpt import __version__
 from moegpt.moe import experts_per_token
 from moegpt.runs import LoadedRun
+from moegpt.safe_io import read_step_records
 from moegpt.tokenizer import Tokenizer
 
 # moegpt sample's defaults, so that `generate(do_sample=True)` draws like `moegpt sample`
@@ -26,12 +26,8 @@ def val_ce_at(run_dir: Path, step: int) -> float | None:
     if not path.is_file():
         return None
     found = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step") == step and "val_ce" in record:
+    for record in read_step_records(path)[0]:
+        if record["step"] == step and "val_ce" in record:
             found = record["val_ce"]
     return found
 

@@ -7,9 +7,10 @@ single training batches, so the series are noisy; they are meant to show trends 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from moegpt.safe_io import read_step_records
 
 SERIES_KEYS = ("max_mean_load", "drop_frac", "router_entropy", "balance")
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -24,13 +25,7 @@ def training_history(run_dir: str | Path) -> dict[str, Any] | None:
     steps: list[int] = []
     per_layer: dict[int, dict[str, list[float | None]]] = {}
     val: list[dict[str, float]] = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
+    for record in read_step_records(path)[0]:
         if "val_ce" in record:
             val.append({"step": int(record["step"]), "val_ce": float(record["val_ce"])})
         if "loss_ce" not in record:
