@@ -16,7 +16,7 @@ from moegpt.cli.load_view import MAX_WIDTH, LoadProgress
 from moegpt.cli.params import human
 from moegpt.errors import MoegptError, TrainingInterrupted
 from moegpt.presets import resolve_config
-from moegpt.resume import saved_config_path
+from moegpt.resume import resume_config, saved_config_path
 from moegpt.tensorboard_log import TensorBoardLogger, tensorboard_available
 
 Resume = Annotated[str | None, typer.Option(
@@ -221,9 +221,9 @@ def train_command(
         raise MoegptError("--log tensorboard needs the tensorboard package: pip install 'moegpt[tb]'")
     cfg = resolve_config(preset, config, flags, set_)
     if resume is not None and config is None and (saved := saved_config_path(cfg)) is not None:
-        cfg = resolve_config(preset, str(saved), flags, set_)  # the run's own config is the base
-        if expert_parallel is None and not any(s.startswith("train.expert_parallel=") for s in set_ or []):
-            cfg.train.expert_parallel = 1  # how experts are sharded is the launch's choice, not the saved run's
+        given = {key for key, value in flags.items() if value is not None} | \
+            {s.split("=", 1)[0].strip() for s in set_ or []}
+        cfg = resume_config(resolve_config(preset, str(saved), flags, set_), given)
     console = Console()
     renderer = TrainRenderer(console, cfg.train.max_iters, show_load, threads=apply_threads(threads))
     callbacks = [renderer] + ([TensorBoardLogger()] if log else [])

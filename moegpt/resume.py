@@ -40,6 +40,21 @@ def saved_config_path(cfg: RunConfig) -> Path | None:
     return path if path.is_file() else None
 
 
+# How a run is launched, not what it trains: a resume takes these from its own command line (or their
+# defaults), never from the saved run, since the same run may continue on another number of processes.
+LAUNCH_KEYS = {"train.expert_parallel": 1}
+
+
+def resume_config(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """The saved run's config as the base of a resume, with the launch keys not given on this command line
+    back at their defaults."""
+    for dotted, default in LAUNCH_KEYS.items():
+        if dotted not in given:
+            section, key = dotted.split(".")
+            setattr(getattr(cfg, section), key, default)
+    return cfg
+
+
 def keep_decay_horizon(cfg: RunConfig, saved: dict[str, Any]) -> str | None:
     """Keep the checkpoint's cosine horizon when only max_iters changed; a note saying what happened."""
     saved_train = saved.get("train", {})
