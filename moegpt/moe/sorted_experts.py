@@ -2,22 +2,28 @@
 
 Why a hand-written backward: with plain autograd, E experts cost E chunks x (gather, matmul,
 activation, matmul) graph nodes, a torch.cat of the outputs, a stack of E weight gradients (unbind's
-backward) and a saved copy of every intermediate. Here one node walks the expert blocks, weight
-gradients land in their [E, ...] slot directly, and only the pre-activations and the row map are
-saved: each block's inputs are regathered from x and its activations recomputed (keeping either
-measured slower: no [M, C] or [M, H] buffer is allocated, page-faulted and streamed per step, and at
-top-8 M is 8x the tokens), and the expert outputs are never needed (the gate gradient is
-<a, dL/da_unweighted>). Outputs and input gradients are added to their tokens block by block.
+backward) and a saved copy of every intermediate. Here one node walks the experts, weight gradients land
+in their [E, ...] slots directly, and only the pre-activations, activations and row map are saved: each
+block's inputs are regathered from x (at top-8 an [M, C] copy would be 8x the tokens), and the expert
+outputs are never needed (the gate gradient is <a, dL/da_unweighted>).
 
-Bucketing (bf16 on CPU): each expert's row block is padded with zero rows up to a multiple of
-`bucket`, so matmul row counts come from a small set and oneDNN reuses its compiled primitives.
-Padding rows are zeros whose outputs are discarded; no token is ever dropped.
+Ranges: consecutive experts whose blocks are about the same size run as one range (`plan_ranges`): every
+expert of the range is padded to the range's largest block, so each projection is one batched matmul and
+each elementwise step one op for the whole range. At small blocks (a few hundred rows) the per-op cost,
+not the FLOPs, is what a MoE layer pays; at large blocks a range is one expert, so that the elementwise
+work on a block runs while it is still in cache. Outputs and input gradients are added to their tokens
+range by range. Padding rows point at token 0 with gate 0: their outputs, and so all gradients through
+them, are exact zeros.
 
-Legend: N tokens, C width, E experts, M assignments (kept choices), P padded rows (P >= M), n rows of a block,
-H expert hidden width, Hin = width of the first projection (2H for SwiGLU, H otherwise, C for linear).
+Bucketing (bf16 on CPU): each expert's block is padded up to a multiple of `bucket` rows, so matmul row
+counts come from a small set and oneDNN reuses its compiled primitives. No token is ever dropped.
+
+Legend: N tokens, C width, E experts, M assignments (kept choices), P padded rows (P >= M), G experts of a
+range, H expert hidden width, Hin = width of the first projection (2H for SwiGLU, H otherwise, C for linear).
 """
-
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +31,18 @@ from torch import Tensor
 
 from moegpt.moe.experts import activate
 
+# A range of experts may pad each expert to its largest block while the padding stays within
+# PADDING_SLACK of its real rows, or within PADDING_ROWS rows whatever the slack (below that, padding rows cost
+# less than the ops of another range), and while its pre-activations stay within MAX_RANGE_BYTES (larger, the
+# elementwise steps over the range fall out of cache).
+PADDING_SLACK = 0.125
+PADDING_ROWS = 128
+MAX_RANGE_BYTES = 1 << 20
 
-def _activate_keep(h_nHin: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
-    """activate(h), plus silu(gate) for SwiGLU so its backward need not compute it again."""
-    if activation != "swiglu":
-        return activate(h_nHin, activation), None
-    gate, up = h_nHin.chunk(2, dim=-1)
-    silu_gate = F.silu(gate)
-    return silu_gate * up, silu_gate
+
+def _silu_gate(h_nHin: Tensor, activation: str) -> Tensor | None:
+    """SwiGLU's silu(gate), which its backward needs (recomputed: one op, where keeping it costs memory)."""
+    return F.silu(h_nHin[..., :h_nHin.shape[-1] // 2]) if activation == "swiglu" else None
 
 
 def _act_backward(grad_a_nH: Tensor, h_nHin: Tensor, activation: str, silu_gate: Tensor | None) -> Tensor:
@@ -53,35 +63,12 @@ def _act_backward(grad_a_nH: Tensor, h_nHin: Tensor, activation: str, silu_gate:
     return grad_a_nH
 
 
-def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """out = a @ b without a temporary when dtypes agree (a weight-gradient slot of the [E, ...] bank)."""
+def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a @ b (batched) without a temporary when dtypes agree (a range of the [E, ...] gradient bank)."""
     if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
+        torch.bmm(a, b, out=out)
     else:
-        out.copy_(a @ b)
-
-
-def _pad_rows(t_nX: Tensor, n_pad: int) -> Tensor:
-    if n_pad == t_nX.shape[0]:
-        return t_nX
-    return torch.cat([t_nX, t_nX.new_zeros(n_pad - t_nX.shape[0], *t_nX.shape[1:])])
-
-
-def _gather_rows(src_NX: Tensor, tok_n: Tensor, n_pad: int) -> Tensor:
-    """src rows of one block, zero-padded to n_pad rows (bucket padding)."""
-    n = tok_n.shape[0]
-    if n == n_pad:
-        return src_NX.index_select(0, tok_n)
-    out = src_NX.new_empty(n_pad, src_NX.shape[1])
-    torch.index_select(src_NX, 0, tok_n, out=out[:n])
-    out[n:].zero_()
-    return out
-
-
-def _add_rows(out_NX: Tensor, tok_n: Tensor, rows_nX: Tensor) -> None:
-    """out[tok_n[i]] += rows[i] for the block's real rows (padding rows, past len(tok_n), are skipped)."""
-    n = tok_n.shape[0]
-    index_add_rows_(out_NX, tok_n, rows_nX if rows_nX.shape[0] == n else rows_nX[:n])
+        out.copy_(torch.bmm(a, b))
 
 
 def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
@@ -98,91 +85,164 @@ def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
         torch.set_num_threads(threads)
 
 
-def _padded_counts(counts_E: list[int], bucket: int) -> list[int]:
-    return [-(-n // bucket) * bucket for n in counts_E]
+
+
+@dataclass(frozen=True)
+class ExpertRange:
+    """Experts first..stop-1 run together: each gets `cap` rows (its assignments, then zero-gated padding)
+    at padded rows offset..offset + (stop - first) * cap, one batched matmul per projection."""
+
+    first: int
+    stop: int
+    cap: int
+    offset: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + (self.stop - self.first) * self.cap)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_ranges(counts_E: list[int], bucket: int = 1, max_rows: int = 1 << 62) -> list[ExpertRange]:
+    """Consecutive experts grouped so that padding every expert of a group to the group's largest block
+    (rounded up to `bucket`) stays within PADDING_SLACK of the group's real rows or within PADDING_ROWS, and
+    a group holds at most `max_rows` padded rows unless one expert alone exceeds it. Idle experts get no
+    rows unless a group spans them (then their padding counts like any other)."""
+    ranges: list[ExpertRange] = []
+    first, cap, real, offset = -1, 0, 0, 0
+    for e, n in enumerate(counts_E):
+        if first >= 0:
+            new_cap = _round_up(max(cap, n), bucket)
+            padded = new_cap * (e + 1 - first)
+            if padded - (real + n) <= max(PADDING_SLACK * (real + n), PADDING_ROWS) and padded <= max_rows:
+                cap, real = new_cap, real + n
+                continue
+            ranges.append(ExpertRange(first, e, cap, offset))
+            offset += cap * (e - first)
+            first = -1
+        if n:
+            first, cap, real = e, _round_up(n, bucket), n
+    if first >= 0:
+        ranges.append(ExpertRange(first, len(counts_E), cap, offset))
+    return ranges
+
+
+def padded_slots(counts_E: list[int], ranges: list[ExpertRange], device: torch.device) -> Tensor:
+    """For every padded row, the assignment it holds (an index into the expert-sorted assignments), or M
+    (one past the last assignment) for a padding row."""
+    M = sum(counts_E)
+    starts_E = [0]
+    for n in counts_E[:-1]:
+        starts_E.append(starts_E[-1] + n)
+    experts = [e for r in ranges for e in range(r.first, r.stop)]
+    caps = [r.cap for r in ranges for _ in range(r.first, r.stop)]
+    offsets = [r.offset + i * r.cap for r in ranges for i in range(r.stop - r.first)]
+    table = torch.tensor([[starts_E[e] for e in experts], [counts_E[e] for e in experts], caps, offsets],
+                         dtype=torch.long, device=device)
+    starts_G, counts_G, caps_G, offsets_G = table.unbind(0)
+    P = sum(caps)
+    expert_P = torch.repeat_interleave(torch.arange(len(experts), device=device), caps_G, output_size=P)
+    row_P = torch.arange(P, device=device) - offsets_G[expert_P]
+    slot_P = starts_G[expert_P] + row_P
+    return slot_P.masked_fill_(row_P >= counts_G[expert_P], M)
+
+
+def _range_views(r: ExpertRange, *banks: Tensor | None) -> list[Tensor | None]:
+    return [None if bank is None else bank[r.first:r.stop] for bank in banks]
 
 
 class SortedExperts(torch.autograd.Function):
     """y_NC = sum over assignments m of gate_M[m] * expert_{e(m)}(x_NC[tok_M[m]]); tok_M sorted by expert.
 
-    Everything happens block by block (one expert's rows at a time): the elementwise work on a block
-    runs right after its matmul while the block is still in cache, which on CPU is worth more than
-    fusing across experts (whole-tensor elementwise ops are memory-bound, and measured slower).
-    Per-expert views come from one split/unbind per tensor: at a few microseconds of dispatch per
-    view, slicing each block separately cost more than some of the small blocks' matmuls.
+    Work goes range by range (`plan_ranges`): a range's experts each get the same number of rows, so every
+    projection of the range is one batched matmul over [G, cap, .] blocks and every elementwise step one op,
+    instead of a handful of ops per expert (at small blocks the per-op cost, not the FLOPs, dominated).
+    Padding rows point at token 0 with gate 0: their outputs, and so all their gradients, are exact zeros.
     """
 
     @staticmethod
     def forward(ctx, x_NC: Tensor, gate_M: Tensor, w_in: Tensor, w_out: Tensor | None, tok_M: Tensor,
                 counts_E: list[int], bucket: int, activation: str, compute_dtype: torch.dtype) -> Tensor:
         x_c = x_NC.to(compute_dtype)
-        padded_E = _padded_counts(counts_E, bucket)
-        # kept for backward: the pre-activations. The gathered inputs are not kept but regathered per block
-        # (an [M, C] buffer is k times the tokens; fresh each step it page-faults, and it measured slower)
-        h_P = x_c.new_empty(sum(padded_E), w_in.shape[2])
+        ranges = plan_ranges(counts_E, bucket, max(1, MAX_RANGE_BYTES // (w_in.shape[2] * x_c.element_size())))
+        slot_P = padded_slots(counts_E, ranges, x_NC.device)
+        tok_P = F.pad(tok_M, (0, 1)).index_select(0, slot_P)
+        gate_P = F.pad(gate_M.to(compute_dtype), (0, 1)).index_select(0, slot_P).unsqueeze(1)
+        # kept for backward: the pre-activations and activations (recomputing the activation cost more than
+        # keeping it, within the dense FFN's activation memory). The gathered inputs are not kept but regathered
+        # per range (at top-8 they are 8x the tokens)
+        activations: list[Tensor] = []
+        h_P = x_c.new_empty(slot_P.shape[0], w_in.shape[2])
         y = x_c.new_zeros(x_NC.shape[0], w_in.shape[2] if w_out is None else w_out.shape[2])
-        w_in_E = w_in.to(compute_dtype).unbind(0)
-        w_out_E = None if w_out is None else w_out.to(compute_dtype).unbind(0)
-        gate_E = gate_M.to(compute_dtype).unsqueeze(1).split(counts_E)
-        for e, (tok_n, h, n_pad) in enumerate(zip(tok_M.split(counts_E), h_P.split(padded_E), padded_E, strict=True)):
-            if not n_pad:
-                continue
-            torch.mm(_gather_rows(x_c, tok_n, n_pad), w_in_E[e], out=h)
-            gate_n1 = _pad_rows(gate_E[e], n_pad)
-            if w_out_E is None:  # linear: h is the output
-                out = h * gate_n1
+        w_in_c = w_in.to(compute_dtype)
+        w_out_c = None if w_out is None else w_out.to(compute_dtype)
+        for r in ranges:
+            w_in_G, w_out_G = _range_views(r, w_in_c, w_out_c)
+            G = r.stop - r.first
+            h = h_P[r.rows].view(G, r.cap, -1)
+            torch.bmm(x_c.index_select(0, tok_P[r.rows]).view(G, r.cap, -1), w_in_G, out=h)
+            if w_out_G is None:  # linear: h is the output (kept for backward, so not scaled in place)
+                out = h.view(-1, h.shape[-1]) * gate_P[r.rows]
             else:
-                out = torch.mm(activate(h, activation), w_out_E[e]).mul_(gate_n1)
-            # each block's weighted outputs go to their tokens right away (an [M, C] buffer scattered by
-            # one index_add at the end measured slower at E=64 and no faster at E=8)
-            _add_rows(y, tok_n, out)
-        ctx.save_for_backward(gate_M, w_in, w_out, tok_M, x_c, h_P)
-        ctx.x_dtype = x_NC.dtype
-        ctx.counts_E, ctx.padded_E, ctx.activation, ctx.compute_dtype = counts_E, padded_E, activation, compute_dtype
+                activations.append(activate(h, activation))
+                out = torch.bmm(activations[-1], w_out_G).view(-1, w_out_G.shape[-1]).mul_(gate_P[r.rows])
+            index_add_rows_(y, tok_P[r.rows], out)
+        ctx.save_for_backward(w_in, w_out, tok_P, slot_P, gate_P, x_c, h_P, *activations)
+        ctx.ranges, ctx.gate_dtype, ctx.x_dtype = ranges, gate_M.dtype, x_NC.dtype
+        ctx.activation, ctx.compute_dtype, ctx.n_assignments = activation, compute_dtype, gate_M.shape[0]
         return y
 
     @staticmethod
     def backward(ctx, grad_y_NC: Tensor):
-        gate_M, w_in, w_out, tok_M, x_c, h_P = ctx.saved_tensors
-        dtype, activation, counts_E, padded_E = ctx.compute_dtype, ctx.activation, ctx.counts_E, ctx.padded_E
+        w_in, w_out, tok_P, slot_P, gate_P, x_c, h_P, *activations = ctx.saved_tensors
+        dtype, activation = ctx.compute_dtype, ctx.activation
         grad_y = grad_y_NC.to(dtype)
         grad_x = torch.zeros_like(x_c)
-        grad_gate = torch.empty_like(gate_M)  # every assignment belongs to exactly one block
-        # experts with rows write their whole gradient slot; only idle experts need zeros
-        grad_w_in = torch.empty_like(w_in)
-        grad_w_out = None if w_out is None else torch.empty_like(w_out)
-        idle = [e for e, n in enumerate(counts_E) if not n]
-        if idle:
-            grad_w_in[idle] = 0
-            if grad_w_out is not None:
-                grad_w_out[idle] = 0
-        w_in_t_E = w_in.to(dtype).transpose(1, 2).unbind(0)
-        w_out_t_E = None if w_out is None else w_out.to(dtype).transpose(1, 2).unbind(0)
-        grad_w_in_E = grad_w_in.unbind(0)
-        grad_w_out_E = None if grad_w_out is None else grad_w_out.unbind(0)
-        gate_E = gate_M.to(dtype).unsqueeze(1).split(counts_E)
-        blocks = zip(tok_M.split(counts_E), h_P.split(padded_E), grad_gate.split(counts_E), padded_E, strict=True)
-        for e, (tok_n, h, grad_gate_n, n_pad) in enumerate(blocks):
-            if not n_pad:
-                continue
-            n = tok_n.shape[0]
-            gate_n1 = _pad_rows(gate_E[e], n_pad)
-            # dL/d(weighted expert output), gathered per block: one gather of all rows measured slower
-            # at E=64 (a fresh [M, C] buffer per step instead of block-sized ones the allocator reuses)
-            g = _gather_rows(grad_y, tok_n, n_pad)
-            if w_out_t_E is None:
-                grad_gate_n.copy_(torch.linalg.vecdot(h[:n], g[:n]))
-                grad_h = g * gate_n1
+        grad_gate_P = gate_P.new_empty(gate_P.shape[0])
+        grad_w_in = _zeros_outside(w_in, ctx.ranges)
+        grad_w_out = None if w_out is None else _zeros_outside(w_out, ctx.ranges)
+        w_in_t = w_in.to(dtype).transpose(1, 2)
+        w_out_t = None if w_out is None else w_out.to(dtype).transpose(1, 2)
+        for i, r in enumerate(ctx.ranges):
+            G, tok_r = r.stop - r.first, tok_P[r.rows]
+            gate_r = gate_P[r.rows].view(G, r.cap, 1)
+            h = h_P[r.rows].view(G, r.cap, -1)
+            g = grad_y.index_select(0, tok_r).view(G, r.cap, -1)  # dL/d(weighted expert output)
+            if w_out_t is None:
+                grad_gate_P[r.rows] = torch.linalg.vecdot(h, g).view(-1)
+                grad_h = g * gate_r
             else:
-                # dL/d(gate) = <a, g W_out^T>; the gate then scales [n, C] rows for dW_out, never [n, H]
-                grad_a = g @ w_out_t_E[e]
-                a, silu_gate = _activate_keep(h, activation)
-                grad_gate_n.copy_(torch.linalg.vecdot(a[:n], grad_a[:n]))
-                _mm_into(a.t(), g * gate_n1, grad_w_out_E[e])
-                grad_h = _act_backward(grad_a.mul_(gate_n1), h, activation, silu_gate)
-            _mm_into(_gather_rows(x_c, tok_n, n_pad).t(), grad_h, grad_w_in_E[e])
-            _add_rows(grad_x, tok_n, grad_h @ w_in_t_E[e])
-        return grad_x.to(ctx.x_dtype), grad_gate, grad_w_in, grad_w_out, None, None, None, None, None
+                w_out_t_G, grad_w_out_G = _range_views(r, w_out_t, grad_w_out)
+                # dL/d(gate) = <a, g W_out^T>; the gate then scales [cap, C] rows for dW_out, never [cap, H]
+                grad_a = torch.bmm(g, w_out_t_G)
+                a, silu_gate = activations[i], _silu_gate(h, activation)
+                grad_gate_P[r.rows] = torch.linalg.vecdot(a, grad_a).view(-1)
+                _bmm_into(a.transpose(1, 2), g * gate_r, grad_w_out_G)
+                grad_h = _act_backward(grad_a.mul_(gate_r), h, activation, silu_gate)
+            w_in_t_G, grad_w_in_G = _range_views(r, w_in_t, grad_w_in)
+            _bmm_into(x_c.index_select(0, tok_r).view(G, r.cap, -1).transpose(1, 2), grad_h, grad_w_in_G)
+            grad_rows = torch.bmm(grad_h, w_in_t_G)
+            index_add_rows_(grad_x, tok_r, grad_rows.view(-1, grad_rows.shape[-1]))
+        # every assignment has exactly one padded row; padding rows all land on the discarded slot M
+        grad_gate = grad_gate_P.new_empty(ctx.n_assignments + 1).index_copy_(0, slot_P, grad_gate_P)
+        return (grad_x.to(ctx.x_dtype), grad_gate[:-1].to(ctx.gate_dtype), grad_w_in, grad_w_out,
+                None, None, None, None, None)
+
+
+def _zeros_outside(w: Tensor, ranges: list[ExpertRange]) -> Tensor:
+    """An uninitialised gradient for the [E, ...] bank, zeroed on the experts no range covers (idle ones):
+    the ranges write their slots whole."""
+    grad = torch.empty_like(w)
+    covered = [False] * w.shape[0]
+    for r in ranges:
+        covered[r.first:r.stop] = [True] * (r.stop - r.first)
+    idle = [e for e, c in enumerate(covered) if not c]
+    if idle:
+        grad[idle] = 0
+    return grad
 
 
 def sorted_experts(x_NC: Tensor, tok_M: Tensor, gate_M: Tensor, counts_E: list[int],
