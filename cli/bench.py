@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -69,11 +70,15 @@ SHORT_HEADINGS = {"n_tokens": "N", "d_model": "d", "n_expert": "E", "top_k": "k"
                   "total_params": "total params", "active_params": "active params",
                   "kv_cache_speedup": "KV speedup", "max_mean_load": "max/mean load",
                   "fixed_ms_per_moe_layer": "fixed ms/MoE layer", "val_ce_at_equal_time": "val CE equal time",
-                  "train_s": "train s"}
+                  "train_s": "train s", "val_ce_minus_first": "minus\nfirst",
+                  "val_ce_at_equal_time_minus_first": "minus\nfirst"}
 TABLE_WIDTH = 100
 
 
-def render(result: dict[str, Any], fmt: str, title: str, columns: list[str], wide: bool = False) -> None:
+def render(result: dict[str, Any], fmt: str, title: str, columns: list[str], wide: bool = False,
+           compact: bool = False) -> None:
+    """A table of result["rows"] (or JSON of the whole result); compact: rules only under the header, for
+    tables with too many columns for the boxed style to fit 100 columns."""
     if fmt == "json":
         print(json.dumps(result, indent=2))
         return
@@ -81,11 +86,12 @@ def render(result: dict[str, Any], fmt: str, title: str, columns: list[str], wid
     header = (f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
               + (f" ({m['omp_wait_policy']} wait)" if m.get("omp_wait_policy") else ""))
     extra = {k: v for k, v in result.items() if k not in ("machine", "rows")}
+    style = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": (0, 0)} if compact else {}
     table = Table(title=title, caption=header + (" | " + " ".join(f"{k}={v}" for k, v in extra.items())
-                                                  if extra else ""))
+                                                  if extra else ""), **style)
     for col in columns:
         table.add_column(col if wide else SHORT_HEADINGS.get(col, col),
-                         justify="left" if col in ("impl", "model", "variant", "mode") else "right")
+                         justify="left" if col in ("impl", "model", "variant", "mode", "case") else "right")
     for row in result["rows"]:
         table.add_row(*("-" if row.get(c) is None else f"{row[c]:,}" if isinstance(row.get(c), int) else str(row[c])
                         for c in columns))
@@ -284,44 +290,6 @@ def _bench_sample_attention(cfg, attention: str, new_tokens: int, repeats: int, 
            "moegpt bench sample --attention (greedy, KV cache; tokens/s of the best run, ratio: median of rounds)",
            ["attention", "tokens_per_s", "ratio_to_first", "cache_bytes_per_token", "cache_bytes_full_context",
             "active_params"])
-
-
-@bench_app.command("quality")
-def bench_quality_command(
-    preset: Annotated[str, typer.Option("--preset", help="Model and training preset.")] = "cpu",
-    variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "dense,topk",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per variant.")] = 500,
-    evals: Annotated[int, typer.Option("--evals", min=1, help="Evaluations per run, evenly spaced: the points "
-                                       "between which the equal-time val CE is interpolated.")] = 10,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="Config overrides section.key=value.")] = None,
-    fmt: Format = "table", threads: opt.Threads = "auto", wide: Wide = False,
-) -> None:
-    """Train each variant for the same steps on the same data at equal active params: val CE, speed, load.
-
-    val_ce is at equal steps (the last step); val_ce_at_equal_time at equal training time: the training
-    seconds (optimizer steps only, evaluation and checkpoints excluded) of the run that finished first,
-    each run's val CE there interpolated linearly between its evaluations (none before a run's first)."""
-    from moegpt.bench import bench_quality
-
-    check_format(fmt)
-    apply_threads(threads)
-    names = name_list(variants, list(registered_variants()), "variant")
-    cfg = resolve_config(preset, sets=sets)
-    console = Console(stderr=True)
-
-    every = max(1, steps // 10)
-
-    def progress(kind: str, payload: dict[str, Any]) -> None:
-        if kind == "log" and payload["step"] % every == 0:
-            console.print(f"{payload['variant']}: step {payload['step']}/{steps} loss {payload['loss_ce']:.3f} "
-                          f"{payload['tokens_per_s']:,.0f} tok/s", highlight=False)
-        elif kind == "eval":
-            console.print(f"{payload['variant']}: step {payload['step']} val_ce {payload['val_ce']:.4f}",
-                          highlight=False)
-    result = bench_quality(cfg, names, steps, on_event=progress, evals=evals)
-    render(result, fmt, f"moegpt bench quality ({steps} steps, equal active params)",
-           ["variant", "val_ce", "val_ce_at_equal_time", "train_s", "tokens_per_s", "active_params", "total_params",
-            "max_mean_load"], wide=wide)
 
 
 @bench_app.command("ep")

@@ -1,6 +1,7 @@
 """Entry point: `moegpt = moegpt.cli.main:app`. Each command lives in its own module and registers itself."""
 
 from moegpt.cli import bench as _bench  # noqa: F401  (registers `moegpt bench ...`)
+from moegpt.cli import bench_quality as _bench_quality  # noqa: F401  (registers `moegpt bench quality`)
 from moegpt.cli import compare as _compare  # noqa: F401  (registers `moegpt compare`)
 from moegpt.cli import export as _export  # noqa: F401  (registers `moegpt export`)
 from moegpt.cli import inspect_routing as _inspect_routing  # noqa: F401  (registers `moegpt inspect-routing`)

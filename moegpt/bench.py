@@ -1,5 +1,5 @@
-"""Benchmarks behind `moegpt bench`: MoE layer vs dense FFN per dispatch backend, whole-model training
-throughput, and equal-steps quality. Every ratio compares cases measured in the same process, with
+"""Benchmarks behind `moegpt bench`: MoE layer vs dense FFN per dispatch backend and whole-model training
+throughput (equal-steps quality is in bench_quality.py). Every ratio compares cases measured in the same process, with
 repeats interleaved across cases (so a noisy neighbour slows all of them alike) and medians reported.
 
 Legend: N tokens, C (= d) width, E experts, K experts per token, H dense FFN hidden width.
@@ -11,7 +11,6 @@ import dataclasses
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ from typing import Any
 
 import torch
 
-from moegpt.compare import interpolate
 from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
-from moegpt.moe import build_ffn, moe_layer_indices, validate_run_config
+from moegpt.moe import build_ffn, moe_layer_indices
 from moegpt.optim import build_optimizer
 from moegpt.runtime import autocast
 from moegpt.threads import wait_policy
@@ -266,52 +264,3 @@ def bench_model(model_cfg: ModelConfig, moe_cfgs: dict[str, MoEConfig], device: 
             for name, s in medians.items()]
     return {"machine": machine_info(device), "precision": precision, "batch_size": batch_size,
             "block_size": T, "rows": rows}
-
-
-def bench_quality(base_cfg, variants: list[str], steps: int, on_event=None, evals: int = 10) -> dict[str, Any]:
-    """Train each variant for the same steps on the same data with equal active params; val CE at equal steps
-    and at equal training time (see `equal_time_val_ce`), speed, load. Each run evaluates `evals` times."""
-    from moegpt.train import Trainer
-
-    rows, curves = [], []
-    with tempfile.TemporaryDirectory(prefix="moegpt-quality-") as runs_root:
-        for variant in variants:
-            cfg = type(base_cfg).from_dict(base_cfg.to_dict())
-            cfg.moe.variant = variant
-            cfg.train.max_iters = steps
-            cfg.train.eval_interval = max(1, steps // max(1, evals))
-            cfg.train.ckpt_interval = steps
-            cfg.train.runs_root = runs_root
-            cfg.train.name = variant
-            validate_run_config(cfg)
-            last_log: dict[str, Any] = {}
-            curve: list[tuple[float, float]] = []  # (train_s, val CE) of the run's evaluation records
-
-            def capture(kind: str, payload: dict[str, Any], last_log=last_log, curve=curve, variant=variant) -> None:
-                if kind == "log":
-                    last_log.update(payload)
-                elif kind == "eval":
-                    curve.append((float(payload["train_s"]), float(payload["val_ce"])))
-                if on_event:
-                    on_event(kind, {**payload, "variant": variant})
-            summary = Trainer(cfg, on_event=capture).run()
-            layers = last_log.get("layers", [])
-            curves.append(curve)
-            rows.append({"variant": variant, "val_ce": round(summary["final_val_ce"], 4),
-                         "train_s": round(curve[-1][0], 1),
-                         "tokens_per_s": round(summary["tokens_per_s"], 1), "wall_s": round(summary["wall_s"], 1),
-                         "active_params": summary["params"]["active"], "total_params": summary["params"]["total"],
-                         "max_mean_load": max((lay["max_mean_load"] for lay in layers), default=None)})
-    budget, at_budget = equal_time_val_ce(curves)
-    for row, value in zip(rows, at_budget, strict=True):
-        row["val_ce_at_equal_time"] = None if value is None else round(value, 4)
-    return {"machine": machine_info(), "steps": steps, "equal_time_s": round(budget, 1), "rows": rows}
-
-
-def equal_time_val_ce(curves: list[list[tuple[float, float]]]) -> tuple[float, list[float | None]]:
-    """The training-time budget every run reached (the shortest run's last evaluation, in train_s: seconds of
-    optimizer steps, evaluation and checkpoints excluded) and each run's val CE there, interpolated linearly
-    between its evaluations; None for a run whose first evaluation came after the budget."""
-    budget = min(curve[-1][0] for curve in curves)
-    values = [interpolate([t for t, _ in curve], [ce for _, ce in curve], budget) for curve in curves]
-    return budget, values

@@ -320,17 +320,18 @@ def coerce_value(expected: type, value: Any, key: str, from_text: bool = False) 
     raise MoegptError(f"{key} must be of type {expected.__name__} (got {value!r})")
 
 
-def apply_override(cfg: RunConfig, assignment: str) -> None:
-    """Apply one `section.key=value` override (the value is parsed as the field's type)."""
+def apply_override(cfg: RunConfig, assignment: str, origin: str = "--set") -> None:
+    """Apply one `section.key=value` override (the value is parsed as the field's type); errors name `origin`,
+    where the assignment came from."""
     if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
-        raise MoegptError(f"--set expects section.key=value (got {assignment!r})")
+        raise MoegptError(f"{origin} expects section.key=value (got {assignment!r})")
     dotted, value = assignment.split("=", 1)
     section, key = dotted.strip().split(".", 1)
     if section not in {f.name for f in fields(cfg)}:
-        raise MoegptError(f"unknown config section {section!r} in --set {assignment!r}; "
+        raise MoegptError(f"unknown config section {section!r} in {origin} {assignment!r}; "
                           "valid: model, moe, data, train")
     target = getattr(cfg, section)
     hints = get_type_hints(type(target))
     if key not in hints:
-        raise MoegptError(f"unknown key {dotted!r} in --set; valid keys of [{section}]: {', '.join(hints)}")
+        raise MoegptError(f"unknown key {dotted!r} in {origin}; valid keys of [{section}]: {', '.join(hints)}")
     setattr(target, key, coerce_value(hints[key], value.strip(), dotted, from_text=True))

@@ -73,31 +73,6 @@ def test_bench_sample_json():
     assert out["decode_ops_per_token"] > 0
 
 
-def test_bench_quality_json(tiny_data):
-    out = run_json(["quality", "--preset", "tiny", "--steps", "2", "--variants", "dense,topk",
-                    "--set", f"data.data_root={tiny_data}", "--set", "data.name=tiny"])
-    rows = {row["variant"]: row for row in out["rows"]}
-    assert set(rows) == {"dense", "topk"}
-    assert rows["dense"]["max_mean_load"] is None and rows["topk"]["max_mean_load"] >= 1.0
-    assert all(row["val_ce"] > 0 for row in rows.values())
-    # the run that finished training first set the budget: its equal-time value is its last evaluation
-    first = min(rows.values(), key=lambda row: row["train_s"])
-    assert out["equal_time_s"] == first["train_s"]
-    assert abs(first["val_ce_at_equal_time"] - first["val_ce"]) <= 1e-4
-    assert all(row["val_ce_at_equal_time"] is None or row["val_ce_at_equal_time"] > 0 for row in rows.values())
-
-
-def test_equal_time_val_ce_interpolates_each_curve_at_the_shortest_runs_end():
-    from moegpt.bench import equal_time_val_ce
-
-    fast = [(1.0, 4.0), (2.0, 3.0)]
-    slow = [(1.5, 4.5), (3.5, 2.5)]  # at 2.0 s: a quarter of the way from 4.5 to 2.5
-    late = [(2.5, 3.9), (5.0, 2.0)]  # first evaluated after the budget: no value
-    budget, values = equal_time_val_ce([fast, slow, late])
-    assert budget == 2.0
-    assert values == [3.0, 4.0, None]
-
-
 def test_bench_bad_input_is_one_line():
     for args in (["layer", "--grid", "4x9"], ["layer", "--backends", "warp"], ["model", "--variants", "nope"],
                  ["layer", "--format", "yaml"]):
