@@ -40,9 +40,13 @@ PADDING_ROWS = 128
 MAX_RANGE_BYTES = 1 << 20
 
 
-def _silu_gate(h_nHin: Tensor, activation: str) -> Tensor | None:
-    """SwiGLU's silu(gate), which its backward needs (recomputed: one op, where keeping it costs memory)."""
-    return F.silu(h_nHin[..., :h_nHin.shape[-1] // 2]) if activation == "swiglu" else None
+def _activate_keep(h_nHin: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
+    """activate(h), plus silu(gate) for SwiGLU so its backward need not compute it again."""
+    if activation != "swiglu":
+        return activate(h_nHin, activation), None
+    gate, up = h_nHin.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    return silu_gate * up, silu_gate
 
 
 def _act_backward(grad_a_nH: Tensor, h_nHin: Tensor, activation: str, silu_gate: Tensor | None) -> Tensor:
@@ -150,8 +154,27 @@ def padded_slots(counts_E: list[int], ranges: list[ExpertRange], device: torch.d
     return slot_P.masked_fill_(row_P >= counts_G[expert_P], M)
 
 
-def _range_views(r: ExpertRange, *banks: Tensor | None) -> list[Tensor | None]:
-    return [None if bank is None else bank[r.first:r.stop] for bank in banks]
+def _split_rows(t_P: Tensor, ranges: list[ExpertRange]) -> tuple[Tensor, ...]:
+    """Each range's padded rows of t, as views made by one op (a slice per range cost an op each)."""
+    return t_P.split([(r.stop - r.first) * r.cap for r in ranges])
+
+
+def _split_experts(bank: Tensor | None, ranges: list[ExpertRange]) -> list[Tensor | None]:
+    """Each range's experts of an [E, ...] bank, as views made by one op; idle experts between ranges are
+    skipped. None for a missing bank (the linear activation has no second projection)."""
+    if bank is None:
+        return [None] * len(ranges)
+    sizes, picks, at = [], [], 0
+    for r in ranges:
+        if r.first > at:
+            sizes.append(r.first - at)
+        picks.append(len(sizes))
+        sizes.append(r.stop - r.first)
+        at = r.stop
+    if at < bank.shape[0]:
+        sizes.append(bank.shape[0] - at)
+    parts = bank.split(sizes)
+    return [parts[i] for i in picks]
 
 
 class SortedExperts(torch.autograd.Function):
@@ -171,58 +194,60 @@ class SortedExperts(torch.autograd.Function):
         slot_P = padded_slots(counts_E, ranges, x_NC.device)
         tok_P = F.pad(tok_M, (0, 1)).index_select(0, slot_P)
         gate_P = F.pad(gate_M.to(compute_dtype), (0, 1)).index_select(0, slot_P).unsqueeze(1)
-        # kept for backward: the pre-activations and activations (recomputing the activation cost more than
-        # keeping it, within the dense FFN's activation memory). The gathered inputs are not kept but regathered
-        # per range (at top-8 they are 8x the tokens)
-        activations: list[Tensor] = []
+        # kept for backward: the pre-activations; the activations too for GELU, whose erf costs more to recompute
+        # than to keep (SwiGLU's silu-times-up is recomputed: keeping it measured slower for large blocks). The
+        # gathered inputs are not kept but regathered per range (at top-8 they are 8x the tokens)
+        kept: list[Tensor] = []
         h_P = x_c.new_empty(slot_P.shape[0], w_in.shape[2])
         y = x_c.new_zeros(x_NC.shape[0], w_in.shape[2] if w_out is None else w_out.shape[2])
-        w_in_c = w_in.to(compute_dtype)
-        w_out_c = None if w_out is None else w_out.to(compute_dtype)
-        for r in ranges:
-            w_in_G, w_out_G = _range_views(r, w_in_c, w_out_c)
+        w_out_R = _split_experts(None if w_out is None else w_out.to(compute_dtype), ranges)
+        for r, tok_r, gate_r, h_r, w_in_G, w_out_G in zip(
+                ranges, _split_rows(tok_P, ranges), _split_rows(gate_P, ranges), _split_rows(h_P, ranges),
+                _split_experts(w_in.to(compute_dtype), ranges), w_out_R, strict=True):
             G = r.stop - r.first
-            h = h_P[r.rows].view(G, r.cap, -1)
-            torch.bmm(x_c.index_select(0, tok_P[r.rows]).view(G, r.cap, -1), w_in_G, out=h)
+            h = h_r.view(G, r.cap, -1)
+            torch.bmm(x_c.index_select(0, tok_r).view(G, r.cap, -1), w_in_G, out=h)
             if w_out_G is None:  # linear: h is the output (kept for backward, so not scaled in place)
-                out = h.view(-1, h.shape[-1]) * gate_P[r.rows]
+                out = h_r * gate_r
             else:
-                activations.append(activate(h, activation))
-                out = torch.bmm(activations[-1], w_out_G).view(-1, w_out_G.shape[-1]).mul_(gate_P[r.rows])
-            index_add_rows_(y, tok_P[r.rows], out)
-        ctx.save_for_backward(w_in, w_out, tok_P, slot_P, gate_P, x_c, h_P, *activations)
+                a = activate(h, activation)
+                if activation == "gelu":
+                    kept.append(a)
+                out = torch.bmm(a, w_out_G).view(-1, w_out_G.shape[-1]).mul_(gate_r)
+            index_add_rows_(y, tok_r, out)
+        ctx.save_for_backward(w_in, w_out, tok_P, slot_P, gate_P, x_c, h_P, *kept)
         ctx.ranges, ctx.gate_dtype, ctx.x_dtype = ranges, gate_M.dtype, x_NC.dtype
         ctx.activation, ctx.compute_dtype, ctx.n_assignments = activation, compute_dtype, gate_M.shape[0]
         return y
 
     @staticmethod
     def backward(ctx, grad_y_NC: Tensor):
-        w_in, w_out, tok_P, slot_P, gate_P, x_c, h_P, *activations = ctx.saved_tensors
-        dtype, activation = ctx.compute_dtype, ctx.activation
+        w_in, w_out, tok_P, slot_P, gate_P, x_c, h_P, *kept = ctx.saved_tensors
+        dtype, activation, ranges = ctx.compute_dtype, ctx.activation, ctx.ranges
         grad_y = grad_y_NC.to(dtype)
         grad_x = torch.zeros_like(x_c)
         grad_gate_P = gate_P.new_empty(gate_P.shape[0])
-        grad_w_in = _zeros_outside(w_in, ctx.ranges)
-        grad_w_out = None if w_out is None else _zeros_outside(w_out, ctx.ranges)
-        w_in_t = w_in.to(dtype).transpose(1, 2)
-        w_out_t = None if w_out is None else w_out.to(dtype).transpose(1, 2)
-        for i, r in enumerate(ctx.ranges):
-            G, tok_r = r.stop - r.first, tok_P[r.rows]
-            gate_r = gate_P[r.rows].view(G, r.cap, 1)
-            h = h_P[r.rows].view(G, r.cap, -1)
+        grad_w_in = _zeros_outside(w_in, ranges)
+        grad_w_out = None if w_out is None else _zeros_outside(w_out, ranges)
+        per_range = zip(ranges, _split_rows(tok_P, ranges), _split_rows(gate_P, ranges), _split_rows(h_P, ranges),
+                        _split_rows(grad_gate_P, ranges), _split_experts(w_in.to(dtype).transpose(1, 2), ranges),
+                        _split_experts(grad_w_in, ranges), _split_experts(grad_w_out, ranges),
+                        _split_experts(None if w_out is None else w_out.to(dtype).transpose(1, 2), ranges), strict=True)
+        for i, (r, tok_r, gate_r, h_r, grad_gate_r, w_in_t_G, grad_w_in_G, grad_w_out_G, w_out_t_G) \
+                in enumerate(per_range):
+            G = r.stop - r.first
+            gate_r, h = gate_r.view(G, r.cap, 1), h_r.view(G, r.cap, -1)
             g = grad_y.index_select(0, tok_r).view(G, r.cap, -1)  # dL/d(weighted expert output)
-            if w_out_t is None:
-                grad_gate_P[r.rows] = torch.linalg.vecdot(h, g).view(-1)
+            if w_out_t_G is None:
+                grad_gate_r.copy_(torch.linalg.vecdot(h, g).view(-1))
                 grad_h = g * gate_r
             else:
-                w_out_t_G, grad_w_out_G = _range_views(r, w_out_t, grad_w_out)
                 # dL/d(gate) = <a, g W_out^T>; the gate then scales [cap, C] rows for dW_out, never [cap, H]
                 grad_a = torch.bmm(g, w_out_t_G)
-                a, silu_gate = activations[i], _silu_gate(h, activation)
-                grad_gate_P[r.rows] = torch.linalg.vecdot(a, grad_a).view(-1)
+                a, silu_gate = (kept[i], None) if kept else _activate_keep(h, activation)
+                grad_gate_r.copy_(torch.linalg.vecdot(a, grad_a).view(-1))
                 _bmm_into(a.transpose(1, 2), g * gate_r, grad_w_out_G)
                 grad_h = _act_backward(grad_a.mul_(gate_r), h, activation, silu_gate)
-            w_in_t_G, grad_w_in_G = _range_views(r, w_in_t, grad_w_in)
             _bmm_into(x_c.index_select(0, tok_r).view(G, r.cap, -1).transpose(1, 2), grad_h, grad_w_in_G)
             grad_rows = torch.bmm(grad_h, w_in_t_G)
             index_add_rows_(grad_x, tok_r, grad_rows.view(-1, grad_rows.shape[-1]))
