@@ -37,7 +37,7 @@ from moegpt.moe.experts import activate
 # elementwise steps over the range fall out of cache).
 PADDING_SLACK = 0.125
 PADDING_ROWS = 128
-MAX_RANGE_BYTES = 1 << 20
+MAX_RANGE_BYTES = 2 << 20
 
 
 def _activate_keep(h_nHin: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
