@@ -229,6 +229,17 @@ def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int,
         model.train(was_training)
 
 
+def slide_steps(prompt_len: int, block: int, keep: int) -> Iterator[int]:
+    """The generation steps (0 = the prompt's pass, step s samples new token s + 1) at which the window slides
+    and the cache is refilled (the module doc's rule), in order, without end."""
+    L, start, step = prompt_len, max(0, prompt_len - block), 0
+    while True:
+        if L - start > block:
+            start = L - keep
+            yield step
+        L, step = L + 1, step + 1
+
+
 def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: int, cached: bool, capture: bool,
           temperature: float, top_k: int | None, top_p: float | None,
           generator: torch.Generator | None) -> Iterator[GenerationStep]:
