@@ -259,7 +259,7 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
         if slide:
             start = L - keep
         if cached and cache is not None and not slide:  # a decode step: the newest token on the cache
-            logits_BV, stats = model.decode(seq_BL[:, L - 1], cache, capture)
+            logits_BV, stats = _decode_step(model, seq_BL[:, L - 1], cache, capture)
         else:
             if cached:
                 cache = KVCache()  # (re)fill the cache with the whole window in one pass
@@ -280,6 +280,20 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
         L += 1
         if not capture:
             yield GenerationStep(next_B1, None, False)
+
+
+def _decode_step(model: GPT, idx_B: Tensor, cache: KVCache, capture: bool) -> tuple[Tensor, list | None]:
+    """model.decode with one intra-op thread on CPU: a one-token step's ops are far too small to share, and
+    handing one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). The
+    window's passes (prompt, refills) keep every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1 or idx_B.device.type != "cpu":
+        return model.decode(idx_B, cache, capture)
+    torch.set_num_threads(1)
+    try:
+        return model.decode(idx_B, cache, capture)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _unrouted(r: LayerRouting | None, batch: int, n: int) -> LayerRouting | None:
