@@ -92,9 +92,9 @@ class MultiHeadLatentAttention(nn.Module):
         return self.resid_dropout(y) if self.dropout else y
 
     def decode(self, h_BC: Tensor, x_BC: Tensor, cache: KVCache, layer: int) -> Tensor:
-        """x + attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache, inference
-        only: the new latent row is written straight into the cache (cat's out=), and the absorbed form (when
-        `absorb`) attends over views of the whole buffer made once per cache (`KVCache.decode_views`)."""
+        """x += attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache, in place;
+        inference only: the new latent row is written straight into the cache (cat's out=), and the absorbed
+        form (when `absorb`) attends over views of the whole buffer made once per cache (`decode_views`)."""
         B, H = h_BC.shape[0], self.n_head
         pos = cache.lengths[layer]
         q_nope, q_pe = self.queries(h_BC).view(B, H, 1, -1).split([self.nope_dim, self.rope_dim], dim=-1)
@@ -111,7 +111,7 @@ class MultiHeadLatentAttention(nn.Module):
             y_BHTV = self.absorbed(q_nope, q_pe, views[0][:, :, :pos + 1], views[1][..., :pos + 1])
         else:
             y_BHTV = self.plain(q_nope, q_pe, cache.kv[layer][:, :pos + 1], pos)
-        return self.o_proj.add_to(x_BC, y_BHTV.reshape(B, H * self.v_dim))
+        return self.o_proj.add_to_(x_BC, y_BHTV.reshape(B, H * self.v_dim))
 
     def plain(self, q_nope: Tensor, q_pe: Tensor, latent_BSL: Tensor, past: int) -> Tensor:
         """Latents expanded into per-head keys and values, then causal attention."""

@@ -73,10 +73,11 @@ class Linear(nn.Linear):
                 found = blocks[key] = tuple(zip(in_out.split(widths, dim=1), biases, strict=True))
         return found
 
-    def add_to(self, residual_NO: Tensor, x_NI: Tensor) -> Tensor:
-        """Inference, 2-D rows: residual + self(x), the product accumulated onto the residual by one addmm."""
-        out = torch.addmm(residual_NO, x_NI, self._in_out()[1])
-        return out if self.bias is None else out.add_(self.bias)
+    def add_to_(self, residual_NO: Tensor, x_NI: Tensor) -> Tensor:
+        """Inference, 2-D rows: residual += self(x) in place, the product accumulated by one addmm_; returns
+        residual."""
+        residual_NO.addmm_(x_NI, self._in_out()[1])
+        return residual_NO if self.bias is None else residual_NO.add_(self.bias)
 
 
 def project(x_NI: Tensor, weight_IO: Tensor, bias_O: Tensor | None, out: Tensor | None = None) -> Tensor:
@@ -129,10 +130,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
-        # [B, T, 3C] -> [3, B, n_head, T, head_dim] as one view: q, k, v without a split and six reshapes
         qkv = self.c_attn(x)
         past = 0 if cache is None else cache.lengths[layer]
         if self.rope is not None or cache is None:
+            # [B, T, 3C] -> [3, B, n_head, T, head_dim] as one view: q, k, v without a split and six reshapes
             q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
             if self.rope is not None:
                 q, k = self.rope(q, past), self.rope(k, past)
@@ -153,7 +154,8 @@ class CausalSelfAttention(nn.Module):
         return k, v
 
     def decode(self, h_BC: Tensor, x_BC: Tensor, cache: KVCache, layer: int) -> Tensor:
-        """x + attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache; inference.
+        """x += attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache, in place
+        (x is the step's own residual); inference.
 
         The new keys and values are projected straight into their cache row (mm's out=), the query into a
         buffer already viewed per head, and the keys and values attended are slices of per-head views of the
@@ -178,7 +180,7 @@ class CausalSelfAttention(nn.Module):
             k_BHD = self.rope.rotate_rows(k_BC.view(B, self.n_head, C // self.n_head), cos_sin)
             torch.cat((k_BHD.view(B, C), v_BC), dim=1, out=row_BX)
         y = F.scaled_dot_product_attention(q, k_BHSD[:, :, :pos + 1], v_BHSD[:, :, :pos + 1])
-        return self.c_proj.add_to(x_BC, y.reshape(B, C))
+        return self.c_proj.add_to_(x_BC, y.reshape(B, C))
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -211,7 +213,7 @@ class Block(nn.Module):
 
     def decode(self, x_BC: Tensor, cache: KVCache, layer: int, capture: bool) -> tuple[Tensor, RouterStats | None]:
         """One new token per sequence through the block (GPT.decode): rows [B, C] in and out, each sublayer's
-        output added onto the residual inside its last product; the FFN's stats only when `capture`."""
+        output added onto the residual (in place) by its last product; the FFN's stats only when `capture`."""
         x_BC = self.attn.decode(self.ln_1(x_BC), x_BC, cache, layer)
         return self.ffn.decode(self.ln_2(x_BC), x_BC, capture)
 

@@ -44,13 +44,13 @@ def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: Ex
     return _sorted_dispatch(x_NC, expert_idx_NK, weight_NK, bank, backend)
 
 
-def run_experts_onto(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor,
-                     bank: ExpertBank, backend: str = "sorted") -> Tensor:
-    """residual + run_experts(...). On the few-assignment inference path (a decode step) every expert's
-    product accumulates straight onto the residual, with no separate sum."""
+def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor,
+                 bank: ExpertBank, backend: str = "sorted") -> Tensor:
+    """residual += run_experts(...), in place (inference: a decode step's own residual); returns residual. On
+    the few-assignment path every expert's product accumulates straight onto it, with no separate sum."""
     if _few_assignment_path(backend, expert_idx_NK):
         return _few_assignments(x_NC, expert_idx_NK, weight_NK, bank, residual_NC)
-    return residual_NC + run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend)
+    return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
 
 
 def _few_assignment_path(backend: str, idx_NK: Tensor) -> bool:
@@ -74,8 +74,8 @@ def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: Expe
     # Experts and gates as Python numbers (one host copy each; inference only, so no graph is lost):
     # a gate then costs nothing, where a per-choice tensor gate costs an index, a cast and a multiply.
     # A row's output is sum_j gate_j * (a_j @ w_out[e_j]), every product accumulated by addmm (alpha scales the
-    # new product, beta what is there): onto the residual row when given, else the first product and its
-    # gate come from one mm.
+    # new product, beta what is there): in place onto the residual's row when one is given (then returned),
+    # else the first product and its gate come from one mm.
     w_in_E, w_out_E = bank.expert_views()
     gate_up_E = bank.gate_up_views() if bank.activation == "swiglu" else None
     single = x_NC.shape[0] == 1
@@ -96,13 +96,19 @@ def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: Expe
                 a_1X, w_XC = activate(torch.mm(x_1C, w_in_E[e]), bank.activation), w_out_E[e]
             if y_1C is None:
                 y_1C, y_scale = torch.mm(a_1X, w_XC), gate
+            elif residual_NC is not None:
+                y_1C.addmm_(a_1X, w_XC, alpha=gate)
             else:
                 y_1C, y_scale = torch.addmm(y_1C, a_1X, w_XC, beta=y_scale, alpha=gate), 1.0
+        if residual_NC is not None:
+            continue
         if y_1C is None:
             y_1C = x_1C.new_zeros(1, bank.n_embd)
         elif y_scale != 1.0:
             y_1C = y_1C.mul_(y_scale)
         rows.append(y_1C)
+    if residual_NC is not None:
+        return residual_NC
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

@@ -36,18 +36,18 @@ def mlp_apply(x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation
     return h if w_out_HC is None else h @ w_out_HC
 
 
-def mlp_add_to(residual_MC: Tensor, x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation: str,
-               gate_up: tuple[Tensor, Tensor] | None = None, alpha: float = 1.0) -> Tensor:
-    """Inference: residual + alpha * mlp_apply(x), the last product accumulated onto the residual by one addmm.
-    SwiGLU takes its (gate, up) column views of w_in when given: two products cost fewer ops than one
-    product and two slices of its result."""
+def mlp_add_to_(residual_MC: Tensor, x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation: str,
+                gate_up: tuple[Tensor, Tensor] | None = None, alpha: float = 1.0) -> Tensor:
+    """Inference: residual += alpha * mlp_apply(x) in place, the last product accumulated onto the residual
+    by one addmm_; returns residual. SwiGLU takes its (gate, up) column views of w_in when given: two products
+    cost fewer ops than one product and two slices of its result."""
     if w_out_HC is None:
-        return torch.addmm(residual_MC, x_MC, w_in_CH, alpha=alpha)
+        return residual_MC.addmm_(x_MC, w_in_CH, alpha=alpha)
     if gate_up is not None:
         h_MH = F.silu(torch.mm(x_MC, gate_up[0]), inplace=True).mul_(torch.mm(x_MC, gate_up[1]))
     else:
         h_MH = activate(torch.mm(x_MC, w_in_CH), activation)
-    return torch.addmm(residual_MC, h_MH, w_out_HC, alpha=alpha)
+    return residual_MC.addmm_(h_MH, w_out_HC, alpha=alpha)
 
 
 def _gate_up_split(w_in_CH: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,8 +67,9 @@ class DenseMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return mlp_apply(x, self.w_in, self.w_out, self.activation)
 
-    def add_to(self, residual_MC: Tensor, x_MC: Tensor) -> Tensor:
-        """Inference: residual + self(x) (mlp_add_to), SwiGLU's gate and up views made once per weight storage."""
+    def add_to_(self, residual_MC: Tensor, x_MC: Tensor) -> Tensor:
+        """Inference: residual += self(x) in place (mlp_add_to_), SwiGLU's gate and up views made once per weight
+        storage."""
         gate_up = None
         if self.activation == "swiglu":
             cached = self.__dict__.get("_gate_up_views")
@@ -76,7 +77,7 @@ class DenseMLP(nn.Module):
                 with torch.no_grad():
                     cached = self.__dict__["_gate_up_views"] = (self.w_in.data_ptr(), _gate_up_split(self.w_in))
             gate_up = cached[1]
-        return mlp_add_to(residual_MC, x_MC, self.w_in, self.w_out, self.activation, gate_up)
+        return mlp_add_to_(residual_MC, x_MC, self.w_in, self.w_out, self.activation, gate_up)
 
 
 class ExpertBank(nn.Module):

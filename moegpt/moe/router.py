@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.moe.dispatch import run_experts, run_experts_onto
+from moegpt.moe.dispatch import add_experts_, run_experts
 from moegpt.moe.expert_parallel import ExpertParallelGroup, expert_parallel_forward, global_capacity_dropped
 from moegpt.moe.experts import ExpertBank
 from moegpt.moe.global_batch import losses_over_ranks
@@ -183,7 +183,8 @@ class RoutedMoE(FFNLayer):
 
     def routed_decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
         """x + the routed output for one new token per sequence: forward's routing and experts, the experts'
-        products accumulated onto the residual, no losses, and stats (routing facts only) when captured."""
+        products accumulated onto the residual x in place, no losses, and stats (routing facts only) when
+        captured."""
         try:
             logits_NE = self.router_logits(h_NC)
             idx_NK, weight_NK = self.select(logits_NE, h_NC)
@@ -197,7 +198,7 @@ class RoutedMoE(FFNLayer):
         if self.capacity_factor > 0 and (capture or self._capacity(N, K) < N * K):
             dropped_NK = self.capacity_dropped(idx_NK, N, 1)
         dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
-        y_NC = run_experts_onto(x_NC, h_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
+        y_NC = add_experts_(x_NC, h_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
         if not capture:
             return y_NC, None
         zero = _zero(logits_NE)

@@ -52,8 +52,8 @@ class SharedExpertMoE(RoutedMoE):
             return super().decode(h_NC, x_NC, capture)
         x_NC, stats = self.routed_decode(h_NC, x_NC, capture)
         if self.shared_gate is None:
-            return self.shared.add_to(x_NC, h_NC), stats
-        return x_NC + torch.sigmoid(self.shared_gate(h_NC)) * self.shared(h_NC), stats
+            return self.shared.add_to_(x_NC, h_NC), stats
+        return x_NC.add_(torch.sigmoid(self.shared_gate(h_NC)) * self.shared(h_NC)), stats
 
     def active_params(self, block_size: int) -> int:
         shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
