@@ -42,6 +42,7 @@ from torch import Tensor
 from moegpt.errors import MoegptError
 from moegpt.finite import check_logits
 from moegpt.inspect.stats import top1_of_choices
+from moegpt.kv_cache import KVCache
 from moegpt.moe import is_causal_variant
 from moegpt.moe.stats import generating
 
@@ -90,11 +91,14 @@ def filter_logits(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None
 
 
 def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """One token id per row [B]: argmax when temperature == 0, else a draw from the filtered softmax."""
+                generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
+    """One token id per row [B]: argmax when temperature == 0, else a draw from the filtered softmax.
+    With `out` (int64 [B, 1], e.g. the next column of a token buffer) the ids are written there and it is returned."""
     if temperature == 0:
-        return logits_BV.argmax(dim=-1)
+        return logits_BV.argmax(dim=-1) if out is None else torch.argmax(logits_BV, dim=-1, keepdim=True, out=out)
     probs_BV = torch.softmax(filter_logits(logits_BV, temperature, top_k, top_p), dim=-1)
+    if out is not None:
+        return torch.multinomial(probs_BV, 1, generator=generator, out=out)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
@@ -114,10 +118,11 @@ class LayerRouting:
 
 
 def _capture(stats: list[Any], batch: int, last: int) -> list[LayerRouting | None]:
-    """Routing of the last `last` positions of a forward pass, per layer (None for dense layers)."""
+    """Routing of the last `last` positions of a forward pass, per layer (None for dense layers, whose stats
+    hold no routing or are None)."""
     out: list[LayerRouting | None] = []
     for s in stats:
-        if s.expert_idx_NK is None:
+        if s is None or s.expert_idx_NK is None:
             out.append(None)
             continue
 
@@ -229,11 +234,20 @@ def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int,
         model.train(was_training)
 
 
+def slide_steps(prompt_len: int, block: int, keep: int) -> Iterator[int]:
+    """The generation steps (0 = the prompt's pass, step s samples new token s + 1) at which the window slides
+    and the cache is refilled (the module doc's rule), in order, without end."""
+    L, start, step = prompt_len, max(0, prompt_len - block), 0
+    while True:
+        if L - start > block:
+            start = L - keep
+            yield step
+        L, step = L + 1, step + 1
+
+
 def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: int, cached: bool, capture: bool,
           temperature: float, top_k: int | None, top_p: float | None,
           generator: torch.Generator | None) -> Iterator[GenerationStep]:
-    from moegpt.model import KVCache
-
     B = seq_BL.shape[0]
     L, start = T0, max(0, T0 - block)
     cache: KVCache | None = None
@@ -244,27 +258,42 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
         slide = L - start > block
         if slide:
             start = L - keep
-        if not cached:
-            out = model(seq_BL[:, start:L])
-        elif cache is None or slide:
-            cache = KVCache()  # (re)fill the cache with the whole window in one pass
-            out = model(seq_BL[:, start:L], cache=cache)
+        if cached and cache is not None and not slide:  # a decode step: the newest token on the cache
+            logits_BV, stats = _decode_step(model, seq_BL[:, L - 1], cache, capture)
         else:
-            out = model(seq_BL[:, L - 1:L], cache=cache)
+            if cached:
+                cache = KVCache()  # (re)fill the cache with the whole window in one pass
+            out = model(seq_BL[:, start:L], cache=cache)
+            logits_BV, stats = out.logits[:, -1], out.router_stats
         if capture and step == 0:
-            routing = _capture(out.router_stats, B, L - start)
+            routing = _capture(stats, B, L - start)
             if start > 0:  # prompt tokens cropped from an over-long prompt were never routed
                 routing = concat_routing([[_unrouted(r, B, start) for r in routing], routing])
             yield GenerationStep(seq_BL[:, :T0], routing, True)
         elif capture:
-            yield GenerationStep(seq_BL[:, L - 1:L], _capture(out.router_stats, B, 1), False)
+            yield GenerationStep(seq_BL[:, L - 1:L], _capture(stats, B, 1), False)
         if L == seq_BL.shape[1]:
             break
-        check_logits(out.logits[:, -1, :], f"at generated token {L - T0 + 1}")
-        seq_BL[:, L] = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
+        check_logits(logits_BV, f"at generated token {L - T0 + 1}")
+        next_B1 = seq_BL[:, L:L + 1]
+        sample_next(logits_BV, temperature, top_k, top_p, generator, out=next_B1)
         L += 1
         if not capture:
-            yield GenerationStep(seq_BL[:, L - 1:L], None, False)
+            yield GenerationStep(next_B1, None, False)
+
+
+def _decode_step(model: GPT, idx_B: Tensor, cache: KVCache, capture: bool) -> tuple[Tensor, list | None]:
+    """model.decode with one intra-op thread on CPU: a one-token step's ops are far too small to share, and
+    handing one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). The
+    window's passes (prompt, refills) keep every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1 or idx_B.device.type != "cpu":
+        return model.decode(idx_B, cache, capture)
+    torch.set_num_threads(1)
+    try:
+        return model.decode(idx_B, cache, capture)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _unrouted(r: LayerRouting | None, batch: int, n: int) -> LayerRouting | None:

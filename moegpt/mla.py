@@ -83,13 +83,35 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv_BTR, k_pe_BTP = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent_BTL = torch.cat((self.kv_a_layernorm(c_kv_BTR), self.rope(k_pe_BTP, past)), dim=-1)
         if cache is not None:
-            latent_BTL = cache.append_latent(layer, latent_BTL, self.block_size)
+            latent_BTL = cache.append(layer, latent_BTL, self.block_size)
         if cache is not None and T == 1 and self.absorb:
-            y_BHTV = self.absorbed(q_nope, q_pe, latent_BTL)
+            y_BHTV = self.absorbed(q_nope, q_pe, latent_BTL[:, None])
         else:
             y_BHTV = self.plain(q_nope, q_pe, latent_BTL, past)
         y = self.o_proj(y_BHTV.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
         return self.resid_dropout(y) if self.dropout else y
+
+    def decode(self, h_BC: Tensor, x_BC: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """x += attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache, in place;
+        inference only: the new latent row is written straight into the cache (cat's out=), and the absorbed
+        form (when `absorb`) attends over views of the whole buffer made once per cache (`decode_views`)."""
+        B, H = h_BC.shape[0], self.n_head
+        pos = cache.lengths[layer]
+        q_nope, q_pe = self.queries(h_BC).view(B, H, 1, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        cos_sin = self.rope.rows(pos)
+        c_kv_BR, k_pe_BP = self.kv_a_proj_with_mqa(h_BC).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        row_BL = cache.next_row(layer, h_BC, self.kv_lora_rank + self.rope_dim, self.block_size)
+        torch.cat((self.kv_a_layernorm(c_kv_BR), self.rope.rotate_rows(k_pe_BP, cos_sin)), dim=-1, out=row_BL)
+        q_pe = self.rope.rotate_rows(q_pe, cos_sin)
+        if self.absorb:
+            views = cache.decode_views[layer]
+            if views is None:
+                keys_B1cL = cache.kv[layer][:, None]
+                views = cache.decode_views[layer] = (keys_B1cL, keys_B1cL.transpose(-1, -2))
+            y_BHTV = self.absorbed(q_nope, q_pe, views[0][:, :, :pos + 1], views[1][..., :pos + 1])
+        else:
+            y_BHTV = self.plain(q_nope, q_pe, cache.kv[layer][:, :pos + 1], pos)
+        return self.o_proj.add_to_(x_BC, y_BHTV.reshape(B, H * self.v_dim))
 
     def plain(self, q_nope: Tensor, q_pe: Tensor, latent_BSL: Tensor, past: int) -> Tensor:
         """Latents expanded into per-head keys and values, then causal attention."""
@@ -105,23 +127,41 @@ class MultiHeadLatentAttention(nn.Module):
         y = causal_attention(q_BHTD, k_BHSD, v_BHSV, past, self.dropout if self.training else 0.0, self.scale)
         return y[..., :self.v_dim] if pad > 0 else y
 
-    def absorbed(self, q_nope_BH1N: Tensor, q_pe_BH1P: Tensor, latent_BSL: Tensor) -> Tensor:
-        """One new token per sequence against the cached latents, W_UK folded into the query and W_UV
-        into the output. The H heads become H queries of one head over shared keys [c_kv, k_pe]
-        (an MQA-shaped attention), and a single query sees every cached token: no mask."""
+    def absorbed(self, q_nope_BH1N: Tensor, q_pe_BH1P: Tensor, keys_B1SL: Tensor,
+                 keys_B1LS: Tensor | None = None) -> Tensor:
+        """One new token per sequence against the cached latents (keys [B, 1, S, L], optionally also their
+        transposed view), W_UK folded into the query and W_UV into the output. The H heads become H queries
+        of one head over shared keys [c_kv, k_pe] (an MQA-shaped attention), and a single query sees every
+        cached token: no mask."""
         B, H = q_nope_BH1N.shape[:2]
-        w_HDR = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk_HNR, w_uv_HVR = w_HDR[:, :self.nope_dim], w_HDR[:, self.nope_dim:]
+        w_uk_HNR, w_uv_HRV = self.absorbed_weights()
         q_lat_BH1R = q_nope_BH1N @ w_uk_HNR
         q_B1HL = torch.cat((q_lat_BH1R, q_pe_BH1P), dim=-1).view(B, 1, H, -1)
-        keys_B1SL = latent_BSL[:, None]
         # written out rather than through SDPA: with values narrower than keys SDPA takes its generic path,
         # which expands the shared keys per query and is slower than these three ops
-        scores_B1HS = (q_B1HL @ keys_B1SL.transpose(-1, -2)).mul_(self.scale)
+        keys_B1LS = keys_B1SL.transpose(-1, -2) if keys_B1LS is None else keys_B1LS
+        scores_B1HS = (q_B1HL @ keys_B1LS).mul_(self.scale)
         probs_B1HS = torch.softmax(scores_B1HS, dim=-1)
         if self.training and self.dropout:
             probs_B1HS = torch.nn.functional.dropout(probs_B1HS, self.dropout)
         # the values are the latents' first R columns: multiplying by whole contiguous rows and dropping the
         # rotary columns afterwards avoids copying a strided slice of the cache every step
         out_B1HR = (probs_B1HS @ keys_B1SL)[..., :self.kv_lora_rank]
-        return out_B1HR.reshape(B, H, 1, self.kv_lora_rank) @ w_uv_HVR.transpose(1, 2)
+        return out_B1HR.reshape(B, H, 1, self.kv_lora_rank) @ w_uv_HRV
+
+    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+        """W_UK [H, N, R] and W_UV^T [H, R, V] as views of kv_b_proj's weight; without autograd made once per
+        weight storage (a decode step would otherwise slice them every time)."""
+        weight = self.kv_b_proj.weight
+        if torch.is_grad_enabled():
+            return _absorbed_views(weight, self.n_head, self.nope_dim)
+        cached = self.__dict__.get("_absorbed_views")
+        if cached is None or cached[0] != weight.data_ptr():
+            cached = self.__dict__["_absorbed_views"] = (weight.data_ptr(), _absorbed_views(weight, self.n_head,
+                                                                                           self.nope_dim))
+        return cached[1]
+
+
+def _absorbed_views(weight: Tensor, n_head: int, nope_dim: int) -> tuple[Tensor, Tensor]:
+    w_HDR = weight.view(n_head, -1, weight.shape[-1])
+    return w_HDR[:, :nope_dim], w_HDR[:, nope_dim:].transpose(1, 2)

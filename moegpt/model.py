@@ -10,7 +10,8 @@ initialisation (residual projections scaled by 1/sqrt(2 * n_layer)). Legend: B b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.errors import MoegptError
+from moegpt.kv_cache import KVCache
 from moegpt.moe import FFNLayer, RouterStats, build_ffn, moe_layer_indices
 from moegpt.moe.layer import AllReduce
 from moegpt.rmsnorm import RMSNorm
@@ -26,82 +28,63 @@ from moegpt.rope import RotaryEmbedding
 IGNORE_INDEX = -1
 
 
-@dataclass
-class KVCache:
-    """Per-layer keys and values of the tokens seen so far.
-
-    One buffer per layer, [2, B, n_head, block_size, head_dim] (keys, then values), allocated on
-    first use and filled in place: a generated token costs one write per layer instead of
-    re-concatenating the whole cache, and keys and values travel together (fewer ops per token).
-    """
-
-    kv: list[Tensor | None] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return self.lengths[0] if self.lengths else 0
-
-    def start(self, n_layer: int) -> None:
-        if not self.kv:
-            self.kv, self.lengths = [None] * n_layer, [0] * n_layer
-
-    def append(self, layer: int, kv_2BHTD: Tensor, capacity: int) -> tuple[Tensor, ...]:
-        """Store the new keys/values of `layer`; return all keys and values so far (views of the buffer)."""
-        buf = self.kv[layer]
-        if buf is None:
-            _, B, H, _, D = kv_2BHTD.shape
-            buf = self.kv[layer] = kv_2BHTD.new_empty(2, B, H, capacity, D)
-        past, T = self.lengths[layer], kv_2BHTD.shape[3]
-        buf[:, :, :, past:past + T] = kv_2BHTD
-        self.lengths[layer] = past + T
-        return buf[:, :, :, :past + T].unbind(0)
-
-    def append_latent(self, layer: int, latent_BTD: Tensor, capacity: int) -> Tensor:
-        """MLA's cache: one [B, block_size, D] buffer per layer of per-token rows (the compressed latent
-        and the rotary key); stores the new rows and returns all rows so far (a view)."""
-        buf = self.kv[layer]
-        if buf is None:
-            buf = self.kv[layer] = latent_BTD.new_empty(latent_BTD.shape[0], capacity, latent_BTD.shape[2])
-        past, T = self.lengths[layer], latent_BTD.shape[1]
-        buf[:, past:past + T] = latent_BTD
-        self.lengths[layer] = past + T
-        return buf[:, :past + T]
-
-    def nbytes(self) -> int:
-        """Bytes of the cached entries (the filled part of every layer's buffer)."""
-        total = 0
-        for buf, n in zip(self.kv, self.lengths, strict=True):
-            if buf is not None:
-                per_token = buf.numel() // buf.shape[-2 if buf.dim() == 5 else 1]
-                total += per_token * n * buf.element_size()
-        return total
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) with a faster path for a generated token on CPU.
+    """nn.Linear (same parameters and state_dict) with faster paths for generated tokens (inference).
 
-    For a few rows without autograd, MKL's matrix-vector product is faster with the weight laid out
+    For a few rows without autograd on CPU, MKL's matrix-vector product is faster with the weight laid out
     [in, out] than with nn.Linear's [out, in] (README, "Dispatch backends", has the figures), so such
-    calls multiply by a transposed copy of the weight. The copy is keyed by the
-    weight's storage and in-place version: any update (optimizer step, load_state_dict, .to()) rebuilds it.
+    calls multiply by a transposed copy of the weight (on other devices: a transposed view). The copy is keyed
+    by the weight's storage and in-place version: any update (optimizer step, load_state_dict, .to())
+    rebuilds it, and with it the column blocks that decode steps project onto (`columns`).
     """
 
     FEW_ROWS = 8
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() > self.FEW_ROWS * self.in_features:
-            return super().forward(x)
+    def _in_out(self) -> tuple[Any, Tensor, dict]:
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.dtype)
         cached = self.__dict__.get("_weight_in_out")
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor even under inference_mode
-                cached = (key, weight.t().contiguous())
+                in_out = weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+            cached = (key, in_out, {})
             self.__dict__["_weight_in_out"] = cached  # a plain attribute: not a parameter, not in state_dict
+        return cached
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() > self.FEW_ROWS * self.in_features:
+            return super().forward(x)
+        in_out = self._in_out()[1]
         if self.bias is None:
-            return x @ cached[1]
-        return torch.addmm(self.bias, x.reshape(-1, self.in_features), cached[1]).view(*x.shape[:-1], -1)
+            return x @ in_out
+        return torch.addmm(self.bias, x.reshape(-1, self.in_features), in_out).view(*x.shape[:-1], -1)
+
+    def columns(self, widths: tuple[int, ...]) -> tuple[tuple[Tensor, Tensor | None], ...]:
+        """Inference only: per block of output features (`widths` sum to out_features), the [in, width] columns
+        of the [in, out] weight and the block of the bias (None without one), made once per weight: a decode
+        step projects onto each block without slicing the weight or the output per token."""
+        _, in_out, blocks = self._in_out()
+        bias = self.bias
+        key = (widths, None if bias is None else bias.data_ptr())
+        found = blocks.get(key)
+        if found is None:
+            with torch.inference_mode(False), torch.no_grad():
+                biases = (None,) * len(widths) if bias is None else bias.split(widths)
+                found = blocks[key] = tuple(zip(in_out.split(widths, dim=1), biases, strict=True))
+        return found
+
+    def add_to_(self, residual_NO: Tensor, x_NI: Tensor) -> Tensor:
+        """Inference, 2-D rows: residual += self(x) in place, the product accumulated by one addmm_; returns
+        residual."""
+        residual_NO.addmm_(x_NI, self._in_out()[1])
+        return residual_NO if self.bias is None else residual_NO.add_(self.bias)
+
+
+def project(x_NI: Tensor, weight_IO: Tensor, bias_O: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """x @ W (+ b) for a decode step, optionally written into `out` (e.g. a KV cache row)."""
+    if bias_O is None:
+        return torch.mm(x_NI, weight_IO, out=out)
+    return torch.addmm(bias_O, x_NI, weight_IO, out=out)
 
 
 @dataclass
@@ -147,22 +130,57 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
-        # [B, T, 3C] -> [3, B, n_head, T, head_dim] as one view: q, k, v without a split and six reshapes
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.c_attn(x)
         past = 0 if cache is None else cache.lengths[layer]
-        if self.rope is not None:
-            q, k, v = qkv.unbind(0)
-            q, k = self.rope(q, past), self.rope(k, past)
-            if cache is not None:
-                k, v = cache.append(layer, torch.stack((k, v)), self.block_size)
-        elif cache is None:
-            q, k, v = qkv.unbind(0)
+        if self.rope is not None or cache is None:
+            # [B, T, 3C] -> [3, B, n_head, T, head_dim] as one view: q, k, v without a split and six reshapes
+            q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.rope is not None:
+                q, k = self.rope(q, past), self.rope(k, past)
+            if cache is not None:  # rotated keys and values back to token-major rows for the cache
+                k, v = self.heads(cache.append(layer, torch.stack((k, v), 2).transpose(1, 3).reshape(B, T, 2 * C),
+                                               self.block_size))
         else:
-            q = qkv[0]
-            k, v = cache.append(layer, qkv[1:], self.block_size)
+            q = qkv[..., :C].view(B, T, self.n_head, -1).transpose(1, 2)
+            k, v = self.heads(cache.append(layer, qkv[..., C:], self.block_size))
         y = causal_attention(q, k, v, past, self.dropout if self.training else 0.0)
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return self.resid_dropout(y) if self.dropout else y
+
+    def heads(self, rows_BSX: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, n_head, S, head_dim] as views of cache rows [B, S, 2C] (keys, then values)."""
+        B, S, X = rows_BSX.shape
+        k, v = rows_BSX.view(B, S, 2, self.n_head, X // (2 * self.n_head)).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def decode(self, h_BC: Tensor, x_BC: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """x += attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache, in place
+        (x is the step's own residual); inference.
+
+        The new keys and values are projected straight into their cache row (mm's out=), the query into a
+        buffer already viewed per head, and the keys and values attended are slices of per-head views of the
+        whole cache buffer: those views are made once per cache (`decode_views`), not per token."""
+        B, C = h_BC.shape
+        (w_q, b_q), (w_kv, b_kv) = self.c_attn.columns((C, 2 * C))
+        pos = cache.lengths[layer]
+        row_BX = cache.next_row(layer, h_BC, 2 * C, self.block_size)
+        views = cache.decode_views[layer]
+        if views is None:
+            q_BC = h_BC.new_empty(B, C)
+            views = cache.decode_views[layer] = (*self.heads(cache.kv[layer]), q_BC,
+                                                 q_BC.view(B, self.n_head, 1, C // self.n_head))
+        k_BHSD, v_BHSD, q_BC, q = views
+        project(h_BC, w_q, b_q, out=q_BC)
+        if self.rope is None:
+            project(h_BC, w_kv, b_kv, out=row_BX)
+        else:  # keys enter the cache rotated
+            cos_sin = self.rope.rows(pos)
+            q = self.rope.rotate_rows(q, cos_sin)
+            k_BC, v_BC = project(h_BC, w_kv, b_kv).split(C, dim=1)
+            k_BHD = self.rope.rotate_rows(k_BC.view(B, self.n_head, C // self.n_head), cos_sin)
+            torch.cat((k_BHD.view(B, C), v_BC), dim=1, out=row_BX)
+        y = F.scaled_dot_product_attention(q, k_BHSD[:, :, :pos + 1], v_BHSD[:, :, :pos + 1])
+        return self.c_proj.add_to_(x_BC, y.reshape(B, C))
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -192,6 +210,12 @@ class Block(nn.Module):
         y, stats = self.ffn(self.ln_2(x), mask)
         # an inactive Dropout still costs a module call per block per generated token
         return x + (self.ffn_dropout(y) if self.ffn_dropout.p else y), stats
+
+    def decode(self, x_BC: Tensor, cache: KVCache, layer: int, capture: bool) -> tuple[Tensor, RouterStats | None]:
+        """One new token per sequence through the block (GPT.decode): rows [B, C] in and out, each sublayer's
+        output added onto the residual (in place) by its last product; the FFN's stats only when `capture`."""
+        x_BC = self.attn.decode(self.ln_1(x_BC), x_BC, cache, layer)
+        return self.ffn.decode(self.ln_2(x_BC), x_BC, capture)
 
 
 class GPT(nn.Module):
@@ -236,6 +260,34 @@ class GPT(nn.Module):
     @property
     def moe_layers(self) -> list[int]:
         return moe_layer_indices(self.moe_config, len(self.blocks))
+
+    def decode(self, idx_B: Tensor, cache: KVCache, capture: bool = False) -> tuple[Tensor, list | None]:
+        """Logits [B, V] of one new token per sequence (ids [B]) following the cached ones, in inference (eval
+        mode, no autograd), and with `capture` each layer's RouterStats (routing facts only; None for layers
+        that route nothing), else None.
+
+        The lean twin of forward(idx[:, None], cache=cache) that generation steps through: rows [B, C]
+        throughout, each sublayer's output added onto the residual by its last product, no losses and no
+        stats unless captured. Under autocast it is that forward (in-place cache writes would bypass the casts).
+        """
+        past = cache.length
+        if past + 1 > self.config.block_size:
+            raise MoegptError(f"sequence of {past + 1} tokens exceeds block_size {self.config.block_size}")
+        if self.training or torch.is_grad_enabled():
+            raise MoegptError("decode is for inference: call it in eval mode under no_grad or inference_mode")
+        if torch.is_autocast_enabled(idx_B.device.type):
+            out = self(idx_B[:, None], cache=cache)
+            return out.logits[:, -1], [s if s.is_routed else None for s in out.router_stats] if capture else None
+        cache.start(len(self.blocks))
+        x = self.wte(idx_B)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[past]
+        stats: list[RouterStats | None] | None = [] if capture else None
+        for layer, block in enumerate(self.blocks):
+            x, layer_stats = block.decode(x, cache, layer, capture)
+            if stats is not None:
+                stats.append(layer_stats)
+        return self.lm_head(self.ln_f(x)), stats
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
                 all_logits: bool = False) -> GPTOutput:

@@ -1,5 +1,5 @@
-"""Counting the aten operators a piece of code dispatches: the op count of a decode step, which bounds its
-per-token overhead on a CPU (at generation's one-token width each op costs its dispatch, not its FLOPs)."""
+"""Counting the aten operators a piece of code dispatches: the op count per generated token, which bounds
+generation's per-token overhead on a CPU (at one token per step each op costs its dispatch, not its FLOPs)."""
 
 from __future__ import annotations
 
@@ -37,22 +37,35 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
     return counter.counts
 
 
-def decode_ops_per_token(model: GPT, prompt_ids: Tensor | Sequence[int], new_tokens: int = 8,
+def decode_ops_per_token(model: GPT, prompt_ids: Tensor | Sequence[int], context_keep: int | None = None,
                          **sampling: Any) -> Counter[str]:
-    """Aten ops of one KV-cached decode step (the forward of one token and the sampling of the next), by
-    name: generating 1 + new_tokens tokens minus generating 1 (the prompt pass and its sample), divided by
-    new_tokens, after one uncounted warm-up generation. prompt + new_tokens + 1 must fit the block, so that no
-    window slide is counted."""
-    from moegpt.errors import MoegptError
-    from moegpt.generate import _as_batch, generate
+    """Aten ops per generated token of KV-cached generation once it runs steady, by name (amortised, so
+    fractional).
 
-    prompt_len = _as_batch(prompt_ids, "cpu").shape[1]
-    if new_tokens < 1 or prompt_len + new_tokens + 1 > model.config.block_size:
-        raise MoegptError(f"prompt ({prompt_len}) + new_tokens ({new_tokens}) + 1 must fit block_size "
-                          f"{model.config.block_size}, and new_tokens >= 1")
+    Steady generation repeats one cycle: the window slides, one pass refills the cache with the kept tokens
+    (and samples a token), then one decode step per token (a one-token forward and the sampling of the next)
+    until the window is full again. The count covers exactly one cycle, the first after the prompt's window
+    first slid: the ops of generating through its end minus those of generating up to its start, over its
+    tokens. So the refilling pass, and whatever a cache fill sets up for its decode steps to reuse (buffers,
+    views), are charged to the tokens they serve. One uncounted generation first makes the per-model caches
+    (weights laid out for decode steps), as any earlier generation would have.
+    """
+    from moegpt.errors import MoegptError
+    from moegpt.generate import _as_batch, generate, slide_steps
+
+    block = model.config.block_size
+    keep = max(1, block // 2) if context_keep is None else context_keep
+    if not 1 <= keep <= block:
+        raise MoegptError(f"context_keep must be in [1, block_size={block}] (got {context_keep})")
+    slides = slide_steps(_as_batch(prompt_ids, "cpu").shape[1], block, keep)
+    first, end = next(slides), next(slides)
     sampling = {"temperature": 0.0, **sampling}
-    generate(model, prompt_ids, 1 + new_tokens, use_cache=True, **sampling)  # per-model caches made once, uncounted
-    prefill = count_ops(lambda: generate(model, prompt_ids, 1, use_cache=True, **sampling))
-    full = count_ops(lambda: generate(model, prompt_ids, 1 + new_tokens, use_cache=True, **sampling))
-    full.subtract(prefill)
-    return Counter({name: n // new_tokens for name, n in full.items() if n > 0})
+
+    def run(steps: int) -> None:
+        generate(model, prompt_ids, steps, use_cache=True, context_keep=keep, **sampling)
+
+    run(end)  # per-model caches made once, uncounted
+    before = count_ops(lambda: run(first))
+    cycle = count_ops(lambda: run(end))
+    cycle.subtract(before)
+    return Counter({name: round(n / (end - first), 2) for name, n in cycle.items() if n > 0})

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moegpt.cli.main import app
 from moegpt.errors import NonFiniteOutput
-from moegpt.finite import first_non_finite
+from moegpt.finite import check_logits, first_non_finite
 from moegpt.generate import generate
 from moegpt.runs import load_run
 
@@ -52,3 +52,15 @@ def test_library_generation_raises(overflowing):
     with pytest.raises(NonFiniteOutput, match="generated token 1"):
         generate(model, [1, 2, 3], max_new_tokens=3, temperature=0)
     assert first_non_finite(model, torch.tensor([[1, 2, 3]])) == "layer 1 (MoE)"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_logits_finds_any_non_finite_logit_and_passes_huge_finite_ones(bad, dtype):
+    huge = torch.full((2, 64), torch.finfo(dtype).max, dtype=dtype)  # their sum overflows fp32, not float64
+    check_logits(huge, "at generated token 1")
+    check_logits(-huge, "at generated token 1")
+    broken = huge.clone()
+    broken[1, 17] = bad
+    with pytest.raises(NonFiniteOutput, match="at generated token 1"):
+        check_logits(broken, "at generated token 1")

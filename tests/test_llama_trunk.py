@@ -49,7 +49,9 @@ def test_suffix_perturbation_finds_no_leak(arch, attention, moe):
 
 def lm_head_logits(net: GPT) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
     seen: list[torch.Tensor] = []
-    handle = net.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out[:, -1].clone()))
+    # a forward pass gives the head [B, T, C] (its last position is the prediction), a decode step [B, C]
+    handle = net.lm_head.register_forward_hook(
+        lambda _m, _i, out: seen.append((out[:, -1] if out.dim() == 3 else out).clone()))
     return seen, handle
 
 

@@ -160,6 +160,85 @@ def test_kv_cache_matches_a_full_forward(variant):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+TRUNKS = {"gpt2": {}, "gpt2-bias": {"bias": True}, "llama-mha": {"arch": "llama"},
+          "llama-mla": {"arch": "llama", "attention": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8,
+                        "qk_rope_head_dim": 4, "v_head_dim": 6},
+          "llama-mla-plain": {"arch": "llama", "attention": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8,
+                              "qk_rope_head_dim": 4, "v_head_dim": 6, "mla_absorb": False}}
+
+
+def assert_decode_equals_cached_forward(model: GPT, idx: torch.Tensor, prefill: int) -> None:
+    """GPT.decode (generation's lean step) against forward on an identical cache, token by token: logits and
+    the captured routing (experts, gates, drops)."""
+    with torch.inference_mode():
+        ref_cache, cache = KVCache(), KVCache()
+        model(idx[:, :prefill], cache=ref_cache)
+        model(idx[:, :prefill], cache=cache)
+        for t in range(prefill, idx.shape[1]):
+            ref = model(idx[:, t:t + 1], cache=ref_cache)
+            capture = t % 2 == 0
+            logits, stats = model.decode(idx[:, t], cache, capture=capture)
+            assert cache.length == ref_cache.length == t + 1
+            torch.testing.assert_close(logits, ref.logits[:, -1], atol=1e-5, rtol=1e-5)
+            if not capture:
+                assert stats is None
+                continue
+            for mine, theirs in zip(stats, ref.router_stats, strict=True):
+                if mine is None:
+                    assert not theirs.is_routed
+                    continue
+                assert torch.equal(mine.expert_idx_NK, theirs.expert_idx_NK)
+                torch.testing.assert_close(mine.expert_weight_NK, theirs.expert_weight_NK, atol=1e-6, rtol=0)
+                assert (mine.dropped_NK is None) == (theirs.dropped_NK is None)
+                if mine.dropped_NK is not None:
+                    assert torch.equal(mine.dropped_NK, theirs.dropped_NK)
+
+
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_decode_step_equals_a_cached_forward_for_every_causal_variant(variant):
+    # switch at its default capacity: with two sequences a step can overflow an expert, and decode must drop
+    # the same choices as forward
+    extra = {"n_shared": 1, "shared_gate": True} if variant == "shared" else {}
+    model = build(variant, **extra).eval()
+    for p in model.parameters():  # sharper weights than the init: differences must show
+        p.data.add_(torch.randn_like(p) * 0.3)
+    assert_decode_equals_cached_forward(model, tokens(2, 14, seed=5), prefill=5)
+
+
+@pytest.mark.parametrize("trunk", TRUNKS)
+@pytest.mark.parametrize("variant", ["topk", "aux-free", "dense"])
+def test_decode_step_equals_a_cached_forward_on_every_trunk(trunk, variant):
+    extra = {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5} if variant == "aux-free" else {}
+    model = build(variant, model_kw=TRUNKS[trunk], first_dense=1 if variant != "dense" else 0, **extra).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.3)
+    assert_decode_equals_cached_forward(model, tokens(3, 16, seed=7), prefill=3)
+    assert_decode_equals_cached_forward(model, tokens(1, 9, seed=8), prefill=1)
+
+
+def test_decode_refuses_training_mode_autograd_and_a_full_block():
+    model = build("topk").eval()
+    cache = KVCache()
+    with torch.inference_mode():
+        model(tokens(1, 16), cache=cache)
+        with pytest.raises(MoegptError, match="block_size"):
+            model.decode(tokens(1, 1)[:, 0], cache)
+    with pytest.raises(MoegptError, match="inference"):
+        model.decode(tokens(1, 1)[:, 0], KVCache())
+
+
+def test_decode_under_autocast_runs_the_forward():
+    model = build("topk").eval()
+    idx = tokens(1, 6)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_cache, cache = KVCache(), KVCache()
+        model(idx[:, :5], cache=ref_cache)
+        model(idx[:, :5], cache=cache)
+        ref = model(idx[:, 5:], cache=ref_cache).logits[:, -1]
+        logits, _ = model.decode(idx[:, 5], cache)
+    assert torch.equal(logits, ref)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_few_row_path_equals_nn_linear_and_follows_weight_updates(bias):
     # without autograd, a few rows multiply a cached [in, out] copy of the weight; it must give

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from moegpt.errors import MoegptError
+from moegpt.generate import generate
 from moegpt.model import GPT
 from moegpt.op_count import count_ops, decode_ops_per_token
 from moegpt.presets import resolve_config
 
-# Ops per generated token of the cpu preset's model (4 layers, topk 8x2, SwiGLU): a ceiling that a change
-# adding ops to the decode step trips (the count is deterministic; README "Decode ops per token").
-CPU_PRESET_DECODE_OPS = 160
+# Ops per generated token of the cpu preset's model (4 layers, topk 8x2, SwiGLU) in steady cached generation,
+# the refilling pass amortised: a ceiling that a change adding ops to the decode step trips (the count is
+# deterministic; README "Decode ops per token").
+CPU_PRESET_DECODE_OPS = 124
 
 
 def test_count_ops_counts_each_dispatched_aten_op():
@@ -26,18 +28,36 @@ def test_decode_step_of_the_cpu_preset_stays_within_its_op_budget():
     cfg = resolve_config("cpu")
     torch.manual_seed(0)
     model = GPT(cfg.model, cfg.moe)
-    ops = decode_ops_per_token(model, list(range(16)), new_tokens=4)
+    ops = decode_ops_per_token(model, list(range(16)))
     assert sum(ops.values()) <= CPU_PRESET_DECODE_OPS, ops
     n_layer = cfg.model.n_layer
-    # per layer: one attention, one router top-k; the lm head once per token
-    assert ops["aten.scaled_dot_product_attention.default"] == n_layer
-    assert ops["aten.topk.default"] == n_layer and ops["aten.argmax.default"] == 1
-    # the inference fast path: no loss tensors made per token (generation reads none)
-    assert "aten.new_zeros.default" not in ops and "aten.zeros.default" not in ops
+    # per layer one attention and one router top-k, the lm head's argmax once per token (the refilling pass
+    # adds its own once per cycle: a fraction per token)
+    assert round(ops["aten.scaled_dot_product_attention.default"]) == n_layer
+    assert round(ops["aten.topk.default"]) == n_layer and round(ops["aten.argmax.out"]) == 1
+    # the inference fast path: no loss tensors made per decode step (generation reads none; what the refilling
+    # pass allocates once per cycle is a fraction per token)
+    assert ops.get("aten.new_zeros.default", 0) < 1 and ops.get("aten.zeros.default", 0) < 1
 
 
-def test_decode_op_count_refuses_a_window_that_would_slide():
+def test_the_count_charges_the_refilling_pass_to_the_tokens_it_serves():
+    cfg = resolve_config("tiny")  # block_size 32
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.moe).eval()
+    prompt = list(range(8))
+
+    def generation_ops(new_tokens: int) -> int:
+        return sum(count_ops(lambda: generate(model, prompt, new_tokens, temperature=0, use_cache=True)).values())
+
+    generation_ops(3)  # per-model caches, uncounted
+    one_step = generation_ops(3) - generation_ops(2)  # the third token: a plain decode step
+    steady = sum(decode_ops_per_token(model, prompt).values())
+    every_token_a_full_pass = sum(decode_ops_per_token(model, prompt, context_keep=32).values())
+    assert one_step < steady < every_token_a_full_pass
+
+
+def test_decode_op_count_refuses_a_bad_context_keep():
     cfg = resolve_config("tiny")
     model = GPT(cfg.model, cfg.moe)
-    with pytest.raises(MoegptError, match="block_size"):
-        decode_ops_per_token(model, list(range(30)), new_tokens=4)
+    with pytest.raises(MoegptError, match="context_keep"):
+        decode_ops_per_token(model, list(range(8)), context_keep=33)

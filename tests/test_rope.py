@@ -53,6 +53,26 @@ def test_rmsnorm_matches_formula_and_keeps_dtype():
     assert norm(x.bfloat16()).dtype == torch.float32  # the fp32 weight promotes, as LlamaRMSNorm does
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 1, 16), (5, 16), (1, 4, 1, 8)])
+def test_rotating_one_position_gives_forward_exactly(shape):
+    rope = RotaryEmbedding(shape[-1], max_positions=32, theta=10000.0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    for position in (0, 7, 31):
+        expected = rope(x.unsqueeze(-2), position).squeeze(-2)
+        assert torch.equal(rope.rotate_rows(x, rope.rows(position)), expected)
+
+
+def test_rmsnorm_without_autograd_gives_the_autograd_path_exactly():
+    # inference takes torch's one-op rms_norm: the same numbers as the formula training differentiates
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(7, 3, 48, generator=torch.Generator().manual_seed(3)) * 5
+    with torch.inference_mode():
+        fast = norm(x)
+    assert torch.equal(fast, norm(x.requires_grad_()).detach())
+
+
 def test_rope_and_rmsnorm_equal_transformers_llama():
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     from transformers import LlamaConfig

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from moegpt.cli.main import app
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.generate import Utf8StreamDecoder, generate, sampling_problems
+from moegpt.generate import Utf8StreamDecoder, generate, generate_steps, sampling_problems
 from moegpt.model import GPT
 from moegpt.moe import VARIANTS, is_causal_variant
 
@@ -97,6 +97,26 @@ def test_captured_routing_matches_direct_forward():
         assert torch.equal(routed.expert_idx_BTK, direct)
         weights = stats[layer].expert_weight_NK.reshape(direct.shape)
         assert torch.allclose(routed.expert_weight_BTK, weights, atol=1e-6)
+
+
+def test_decode_steps_run_on_one_thread_and_the_thread_count_is_restored_between_tokens(monkeypatch):
+    model = tiny_model("topk")
+    seen = []
+    decode = model.decode
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        during = [torch.get_num_threads() for _ in generate_steps(model, [1, 2, 3], 4, temperature=0)]
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1, 1]  # the prompt's pass, then three decode steps
+    assert during == [2] * 5  # the caller's code between tokens keeps its threads
 
 
 class ByteTokenizer:

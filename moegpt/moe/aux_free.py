@@ -35,7 +35,8 @@ class AuxFreeMoE(RoutedMoE):
 
     def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
         scores_NE = torch.sigmoid(logits_NE)
-        biased_NE = scores_NE.detach() + self.expert_bias
+        # the bias steers selection only: no gradient through it (a detach is an op, so not when there is none)
+        biased_NE = (scores_NE.detach() if scores_NE.requires_grad else scores_NE) + self.expert_bias
         if self.n_group > 1:
             biased_NE = self._limit_to_best_groups(biased_NE)
         idx_NK = torch.topk(biased_NE, self.top_k, dim=-1).indices
@@ -46,13 +47,12 @@ class AuxFreeMoE(RoutedMoE):
 
     def _limit_to_best_groups(self, biased_NE: Tensor) -> Tensor:
         N, E = biased_NE.shape
-        grouped = biased_NE.reshape(N, self.n_group, E // self.n_group)
+        grouped = biased_NE.view(N, self.n_group, E // self.n_group)
         best = min(2, grouped.shape[-1])
         group_score_NG = grouped.topk(best, dim=-1).values.sum(-1)
-        keep_group = torch.zeros_like(group_score_NG, dtype=torch.bool)
-        keep_group.scatter_(1, group_score_NG.topk(self.topk_group, dim=-1).indices, True)
-        keep_NE = keep_group[:, :, None].expand_as(grouped).reshape(N, E)
-        return biased_NE.masked_fill(~keep_NE, float("-inf"))
+        dropped_NG = torch.ones_like(group_score_NG, dtype=torch.bool)
+        dropped_NG.scatter_(1, group_score_NG.topk(self.topk_group, dim=-1).indices, False)
+        return grouped.masked_fill(dropped_NG.unsqueeze(-1), float("-inf")).view(N, E)
 
     def router_losses(self, logits_NE, idx_NK, mask_BT, B, T):
         # No auxiliary balance or z loss: balance comes from the bias. Only the optional

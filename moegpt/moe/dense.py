@@ -20,6 +20,9 @@ class DenseFFN(FFNLayer):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         return self.mlp(x), RouterStats.empty(x.device)
 
+    def decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
+        return self.mlp.add_to_(x_NC, h_NC), None
+
     def active_params(self, block_size: int) -> int:
         return sum(p.numel() for p in self.parameters())
 

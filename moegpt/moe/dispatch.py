@@ -37,11 +37,24 @@ def run_experts(x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor, bank: Ex
     """y[n] = sum_j weight[n, j] * expert_{idx[n, j]}(x[n]); choices with idx -1 are skipped."""
     if backend == "loop":
         return _loop(x_NC, expert_idx_NK, weight_NK, bank)
-    if backend in ("sorted", "bucketed") and not torch.is_grad_enabled() and expert_idx_NK.numel() <= DECODE_ROWS:
+    if _few_assignment_path(backend, expert_idx_NK):
         return _few_assignments(x_NC, expert_idx_NK, weight_NK, bank)
     if backend not in _SORTED_BACKENDS:
         raise MoegptError(f"unknown dispatch backend {backend!r}; valid: {', '.join(BACKENDS)}")
     return _sorted_dispatch(x_NC, expert_idx_NK, weight_NK, bank, backend)
+
+
+def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weight_NK: Tensor,
+                 bank: ExpertBank, backend: str = "sorted") -> Tensor:
+    """residual += run_experts(...), in place (inference: a decode step's own residual); returns residual. On
+    the few-assignment path every expert's product accumulates straight onto it, with no separate sum."""
+    if _few_assignment_path(backend, expert_idx_NK):
+        return _few_assignments(x_NC, expert_idx_NK, weight_NK, bank, residual_NC)
+    return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
+
+
+def _few_assignment_path(backend: str, idx_NK: Tensor) -> bool:
+    return backend in ("sorted", "bucketed") and not torch.is_grad_enabled() and idx_NK.numel() <= DECODE_ROWS
 
 
 def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
@@ -56,17 +69,21 @@ def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> 
     return y_NC
 
 
-def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
+def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank,
+                     residual_NC: Tensor | None = None) -> Tensor:
     # Experts and gates as Python numbers (one host copy each; inference only, so no graph is lost):
     # a gate then costs nothing, where a per-choice tensor gate costs an index, a cast and a multiply.
-    # A row's output is sum_j gate_j * (a_j @ w_out[e_j]): the first product and gate come from one mm,
-    # the next are accumulated by addmm (beta scales what is there, alpha the new product).
+    # A row's output is sum_j gate_j * (a_j @ w_out[e_j]), every product accumulated by addmm (alpha scales the
+    # new product, beta what is there): in place onto the residual's row when one is given (then returned),
+    # else the first product and its gate come from one mm.
     w_in_E, w_out_E = bank.expert_views()
     gate_up_E = bank.gate_up_views() if bank.activation == "swiglu" else None
+    single = x_NC.shape[0] == 1
     rows = []
     for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK.tolist(), strict=True)):
-        x_1C = x_NC if x_NC.shape[0] == 1 else x_NC[n:n + 1]
-        y_1C, y_scale = None, 1.0  # y_scale: the gate y_1C still has to be multiplied by
+        x_1C = x_NC if single else x_NC[n:n + 1]
+        y_1C = None if residual_NC is None else residual_NC if single else residual_NC[n:n + 1]
+        y_scale = 1.0  # the gate y_1C still has to be multiplied by
         for e, gate in zip(experts, gates, strict=True):
             if e < 0:
                 continue
@@ -74,18 +91,24 @@ def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: Expe
                 a_1X, w_XC = x_1C, w_in_E[e]
             elif gate_up_E is not None:
                 gate_CH, up_CH = gate_up_E[e]
-                a_1X, w_XC = F.silu(x_1C @ gate_CH) * (x_1C @ up_CH), w_out_E[e]
+                a_1X, w_XC = F.silu(torch.mm(x_1C, gate_CH), inplace=True).mul_(torch.mm(x_1C, up_CH)), w_out_E[e]
             else:
-                a_1X, w_XC = activate(x_1C @ w_in_E[e], bank.activation), w_out_E[e]
+                a_1X, w_XC = activate(torch.mm(x_1C, w_in_E[e]), bank.activation), w_out_E[e]
             if y_1C is None:
-                y_1C, y_scale = a_1X @ w_XC, gate
+                y_1C, y_scale = torch.mm(a_1X, w_XC), gate
+            elif residual_NC is not None:
+                y_1C.addmm_(a_1X, w_XC, alpha=gate)
             else:
                 y_1C, y_scale = torch.addmm(y_1C, a_1X, w_XC, beta=y_scale, alpha=gate), 1.0
+        if residual_NC is not None:
+            continue
         if y_1C is None:
             y_1C = x_1C.new_zeros(1, bank.n_embd)
         elif y_scale != 1.0:
             y_1C = y_1C.mul_(y_scale)
         rows.append(y_1C)
+    if residual_NC is not None:
+        return residual_NC
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

@@ -36,6 +36,25 @@ def mlp_apply(x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation
     return h if w_out_HC is None else h @ w_out_HC
 
 
+def mlp_add_to_(residual_MC: Tensor, x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation: str,
+                gate_up: tuple[Tensor, Tensor] | None = None, alpha: float = 1.0) -> Tensor:
+    """Inference: residual += alpha * mlp_apply(x) in place, the last product accumulated onto the residual
+    by one addmm_; returns residual. SwiGLU takes its (gate, up) column views of w_in when given: two products
+    cost fewer ops than one product and two slices of its result."""
+    if w_out_HC is None:
+        return residual_MC.addmm_(x_MC, w_in_CH, alpha=alpha)
+    if gate_up is not None:
+        h_MH = F.silu(torch.mm(x_MC, gate_up[0]), inplace=True).mul_(torch.mm(x_MC, gate_up[1]))
+    else:
+        h_MH = activate(torch.mm(x_MC, w_in_CH), activation)
+    return residual_MC.addmm_(h_MH, w_out_HC, alpha=alpha)
+
+
+def _gate_up_split(w_in_CH: Tensor) -> tuple[Tensor, Tensor]:
+    H = w_in_CH.shape[-1] // 2  # activate's split: silu of the first half times the second
+    return w_in_CH[:, :H], w_in_CH[:, H:]
+
+
 class DenseMLP(nn.Module):
     """A plain FFN with 2-D weights (the dense baseline, and the shared experts of `shared`)."""
 
@@ -47,6 +66,18 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return mlp_apply(x, self.w_in, self.w_out, self.activation)
+
+    def add_to_(self, residual_MC: Tensor, x_MC: Tensor) -> Tensor:
+        """Inference: residual += self(x) in place (mlp_add_to_), SwiGLU's gate and up views made once per weight
+        storage."""
+        gate_up = None
+        if self.activation == "swiglu":
+            cached = self.__dict__.get("_gate_up_views")
+            if cached is None or cached[0] != self.w_in.data_ptr():
+                with torch.no_grad():
+                    cached = self.__dict__["_gate_up_views"] = (self.w_in.data_ptr(), _gate_up_split(self.w_in))
+            gate_up = cached[1]
+        return mlp_add_to_(residual_MC, x_MC, self.w_in, self.w_out, self.activation, gate_up)
 
 
 class ExpertBank(nn.Module):
@@ -75,9 +106,8 @@ class ExpertBank(nn.Module):
         `expert_views`: two matmuls of one token cost fewer ops than one matmul and two slices of its result."""
         cached = self.__dict__.get("_gate_up_views")
         if cached is None or cached[0] != self.w_in.data_ptr():
-            H = self.w_in.shape[-1] // 2  # activate's split: silu of the first half times the second
             with torch.no_grad():
-                views = tuple((w[:, :H], w[:, H:]) for w in self.w_in.unbind(0))
+                views = tuple(_gate_up_split(w) for w in self.w_in.unbind(0))
             cached = (self.w_in.data_ptr(), views)
             self.__dict__["_gate_up_views"] = cached
         return cached[1]

@@ -18,6 +18,14 @@ class FFNLayer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         raise NotImplementedError
 
+    def decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
+        """Inference on one new token per sequence (rows [N, C]; h = the normed residual x): x += this layer's
+        output in place (x is the step's own residual) and returned, with the layer's stats when `capture`,
+        else None (what generation reads). This default runs forward; layers override it with a lean path
+        that builds no losses or stats unless they are captured."""
+        y_N1C, stats = self(h_NC[:, None])
+        return x_NC.add_(y_N1C[:, 0]), stats if capture else None
+
     def active_params(self, block_size: int) -> int:
         """Parameters one token runs through (block_size: for layers whose cost is shared by a sequence)."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moegpt.config import ModelConfig, MoEConfig
-from moegpt.moe.dispatch import run_experts
+from moegpt.moe.dispatch import add_experts_, run_experts
 from moegpt.moe.expert_parallel import ExpertParallelGroup, expert_parallel_forward, global_capacity_dropped
 from moegpt.moe.experts import ExpertBank
 from moegpt.moe.global_batch import losses_over_ranks
@@ -125,8 +125,11 @@ class RoutedMoE(FFNLayer):
             return global_capacity_dropped(idx_NK, B, T, self._capacity_keep_mask, self.expert_parallel)
         return ~self._capacity_keep_mask(idx_NK, B, T)
 
+    def _capacity(self, n_tokens: int, k: int) -> int:
+        return expert_capacity(n_tokens, k, self.n_expert, self.capacity_factor)
+
     def _capacity_keep_mask(self, idx_NK: Tensor, B: int, T: int) -> Tensor:
-        capacity = expert_capacity(B * T, idx_NK.shape[1], self.n_expert, self.capacity_factor)
+        capacity = self._capacity(B * T, idx_NK.shape[1])
         return capacity_keep_mask(idx_NK, B, T, self.n_expert, capacity)
 
     def routed_forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, RouterStats]:
@@ -170,6 +173,39 @@ class RoutedMoE(FFNLayer):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         return self.routed_forward(x, mask)
+
+    def decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
+        """FFNLayer.decode: `routed_decode`, or forward when the experts live on other ranks (expert parallel).
+        A subclass whose forward adds to the routed output overrides this too."""
+        if self.expert_parallel is not None:
+            return super().decode(h_NC, x_NC, capture)
+        return self.routed_decode(h_NC, x_NC, capture)
+
+    def routed_decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
+        """x + the routed output for one new token per sequence: forward's routing and experts, the experts'
+        products accumulated onto the residual x in place, no losses, and stats (routing facts only) when
+        captured."""
+        try:
+            logits_NE = self.router_logits(h_NC)
+            idx_NK, weight_NK = self.select(logits_NE, h_NC)
+        finally:
+            self._forward_memo.clear()
+        if self.routed_scaling_factor != 1.0:
+            weight_NK = weight_NK * self.routed_scaling_factor
+        N, K = idx_NK.shape
+        # a capacity of at least every choice of the step drops nothing: skip the mask (unless it is captured)
+        dropped_NK = None
+        if self.capacity_factor > 0 and (capture or self._capacity(N, K) < N * K):
+            dropped_NK = self.capacity_dropped(idx_NK, N, 1)
+        dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
+        y_NC = add_experts_(x_NC, h_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
+        if not capture:
+            return y_NC, None
+        zero = _zero(logits_NE)
+        return y_NC, RouterStats(
+            balance=zero, z=zero, seq_balance=zero, n_expert=self.n_expert, expert_idx_NK=idx_NK,
+            expert_weight_NK=weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0),
+            dropped_NK=dropped_NK, router_logits_NE=logits_NE)
 
     def active_params(self, block_size: int) -> int:
         return self.router.weight.numel() + self.top_k * self.experts.params_per_expert
