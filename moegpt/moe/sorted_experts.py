@@ -38,6 +38,8 @@ from moegpt.moe.experts import activate
 PADDING_SLACK = 0.125
 PADDING_ROWS = 128
 MAX_RANGE_BYTES = 2 << 20
+# Up to this many padded rows the row map is built on the host (see padded_slots).
+HOST_SLOTS = 1024
 
 
 def _activate_keep(h_nHin: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
@@ -144,10 +146,16 @@ def padded_slots(counts_E: list[int], ranges: list[ExpertRange], device: torch.d
     experts = [e for r in ranges for e in range(r.first, r.stop)]
     caps = [r.cap for r in ranges for _ in range(r.first, r.stop)]
     offsets = [r.offset + i * r.cap for r in ranges for i in range(r.stop - r.first)]
+    P = sum(caps)
+    if P <= HOST_SLOTS:  # a few hundred rows (generation's windows): one tensor from a list beats the ops below
+        slots: list[int] = []
+        for e, cap in zip(experts, caps, strict=True):
+            slots.extend(range(starts_E[e], starts_E[e] + counts_E[e]))
+            slots.extend([M] * (cap - counts_E[e]))
+        return torch.tensor(slots, dtype=torch.long, device=device)
     table = torch.tensor([[starts_E[e] for e in experts], [counts_E[e] for e in experts], caps, offsets],
                          dtype=torch.long, device=device)
     starts_G, counts_G, caps_G, offsets_G = table.unbind(0)
-    P = sum(caps)
     expert_P = torch.repeat_interleave(torch.arange(len(experts), device=device), caps_G, output_size=P)
     row_P = torch.arange(P, device=device) - offsets_G[expert_P]
     slot_P = starts_G[expert_P] + row_P
