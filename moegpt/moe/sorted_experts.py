@@ -147,7 +147,9 @@ def padded_slots(counts_E: list[int], ranges: list[ExpertRange], device: torch.d
     caps = [r.cap for r in ranges for _ in range(r.first, r.stop)]
     offsets = [r.offset + i * r.cap for r in ranges for i in range(r.stop - r.first)]
     P = sum(caps)
-    if P <= HOST_SLOTS:  # a few hundred rows (generation's windows): one tensor from a list beats the ops below
+    # a few hundred rows (generation's windows): one tensor from a list beats the ops below (not under compile,
+    # where the counts are symbolic)
+    if P <= HOST_SLOTS and not torch.compiler.is_compiling():
         slots: list[int] = []
         for e, cap in zip(experts, caps, strict=True):
             slots.extend(range(starts_E[e], starts_E[e] + counts_E[e]))
