@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from moegpt.config import ModelConfig
 from moegpt.model import KVCache, Linear, causal_attention
+from moegpt.moe.experts import storage_cached
 from moegpt.rmsnorm import RMSNorm
 from moegpt.rope import RotaryEmbedding
 
@@ -155,11 +156,8 @@ class MultiHeadLatentAttention(nn.Module):
         weight = self.kv_b_proj.weight
         if torch.is_grad_enabled():
             return _absorbed_views(weight, self.n_head, self.nope_dim)
-        cached = self.__dict__.get("_absorbed_views")
-        if cached is None or cached[0] != weight.data_ptr():
-            cached = self.__dict__["_absorbed_views"] = (weight.data_ptr(), _absorbed_views(weight, self.n_head,
-                                                                                           self.nope_dim))
-        return cached[1]
+        return storage_cached(self, "_absorbed_views", weight.data_ptr(),
+                              lambda: _absorbed_views(weight, self.n_head, self.nope_dim))
 
 
 def _absorbed_views(weight: Tensor, n_head: int, nope_dim: int) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,9 @@ fused in one [C, 2H] matrix (one matmul instead of two).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +53,16 @@ def mlp_add_to_(residual_MC: Tensor, x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Te
     return residual_MC.addmm_(h_MH, w_out_HC, alpha=alpha)
 
 
+def storage_cached(owner: nn.Module, name: str, key: object, build: Callable[[], Any]) -> Any:
+    """build() made once per `key` (the weights' storage) and kept on owner as a plain attribute (never a
+    parameter or state): inference views of weights that indexing per generated token would cost an op each."""
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = owner.__dict__[name] = (key, build())
+    return cached[1]
+
+
 def _gate_up_split(w_in_CH: Tensor) -> tuple[Tensor, Tensor]:
     H = w_in_CH.shape[-1] // 2  # activate's split: silu of the first half times the second
     return w_in_CH[:, :H], w_in_CH[:, H:]
@@ -70,13 +83,8 @@ class DenseMLP(nn.Module):
     def add_to_(self, residual_MC: Tensor, x_MC: Tensor) -> Tensor:
         """Inference: residual += self(x) in place (mlp_add_to_), SwiGLU's gate and up views made once per weight
         storage."""
-        gate_up = None
-        if self.activation == "swiglu":
-            cached = self.__dict__.get("_gate_up_views")
-            if cached is None or cached[0] != self.w_in.data_ptr():
-                with torch.no_grad():
-                    cached = self.__dict__["_gate_up_views"] = (self.w_in.data_ptr(), _gate_up_split(self.w_in))
-            gate_up = cached[1]
+        gate_up = None if self.activation != "swiglu" else \
+            storage_cached(self, "_gate_up_views", self.w_in.data_ptr(), lambda: _gate_up_split(self.w_in))
         return mlp_add_to_(residual_MC, x_MC, self.w_in, self.w_out, self.activation, gate_up)
 
 
@@ -93,24 +101,14 @@ class ExpertBank(nn.Module):
         """Per-expert views (w_in[e], w_out[e]) for inference, made once per weight storage: indexing a
         weight per generated token and choice costs an op each. Only for use without autograd."""
         key = (self.w_in.data_ptr(), None if self.w_out is None else self.w_out.data_ptr())
-        cached = self.__dict__.get("_expert_views")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                views = (self.w_in.unbind(0), None if self.w_out is None else self.w_out.unbind(0))
-            cached = (key, views)
-            self.__dict__["_expert_views"] = cached  # a plain attribute: never a parameter or state
-        return cached[1]
+        return storage_cached(self, "_expert_views", key,
+                              lambda: (self.w_in.unbind(0), None if self.w_out is None else self.w_out.unbind(0)))
 
     def gate_up_views(self) -> tuple[tuple[Tensor, Tensor], ...]:
         """SwiGLU only: per-expert (gate, up) column views of w_in[e], made once per weight storage like
         `expert_views`: two matmuls of one token cost fewer ops than one matmul and two slices of its result."""
-        cached = self.__dict__.get("_gate_up_views")
-        if cached is None or cached[0] != self.w_in.data_ptr():
-            with torch.no_grad():
-                views = tuple(_gate_up_split(w) for w in self.w_in.unbind(0))
-            cached = (self.w_in.data_ptr(), views)
-            self.__dict__["_gate_up_views"] = cached
-        return cached[1]
+        return storage_cached(self, "_gate_up_views", self.w_in.data_ptr(),
+                              lambda: tuple(_gate_up_split(w) for w in self.w_in.unbind(0)))
 
     @property
     def params_per_expert(self) -> int:
