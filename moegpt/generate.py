@@ -239,10 +239,15 @@ def slide_steps(prompt_len: int, block: int, keep: int) -> Iterator[int]:
     and the cache is refilled (the module doc's rule), in order, without end."""
     L, start, step = prompt_len, max(0, prompt_len - block), 0
     while True:
-        if L - start > block:
-            start = L - keep
+        start, slide = slid_window(L, start, block, keep)
+        if slide:
             yield step
         L, step = L + 1, step + 1
+
+
+def slid_window(L: int, start: int, block: int, keep: int) -> tuple[int, bool]:
+    """(start of the window seq[start:L], whether it slid): past block_size tokens only the newest `keep` stay."""
+    return (L - keep, True) if L - start > block else (start, False)
 
 
 def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: int, cached: bool, capture: bool,
@@ -255,9 +260,7 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
         yield GenerationStep(seq_BL[:, :T0], None, True)
     # one forward per new token, plus one to route the last token when routing is captured
     for step in range(max_new + (1 if capture else 0)):
-        slide = L - start > block
-        if slide:
-            start = L - keep
+        start, slide = slid_window(L, start, block, keep)
         if cached and cache is not None and not slide:  # a decode step: the newest token on the cache
             logits_BV, stats = _decode_step(model, seq_BL[:, L - 1], cache, capture)
         else:
