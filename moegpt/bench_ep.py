@@ -27,6 +27,7 @@ from moegpt.config import RunConfig
 from moegpt.model import GPT, aux_losses
 from moegpt.optim import build_optimizer
 from moegpt.parallel import ExpertParallel, check_expert_parallel_run
+from moegpt.runtime import run_spawned_rank
 
 
 def bench_expert_parallel(cfg: RunConfig, sizes: list[int], steps: int, rounds: int, warmup: int = 2,
@@ -66,19 +67,20 @@ def _launch(cfg: RunConfig, size: int, steps: int, warmup: int, device: str) -> 
 
 def _worker(rank: int, size: int, threads: int, raw_cfg: dict, steps: int, warmup: int, device: str,
             tmp: str) -> None:
+    """One rank of a P > 1 run; rank 0 leaves the result in tmp/result.pt for the launching process."""
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(raw_cfg)
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device(device)
-    if size > 1:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{tmp}/store",
-                                rank=rank, world_size=size)
-    try:
-        result = _measure(cfg, size, rank, steps, warmup, dev)
-        if rank == 0:
-            torch.save(result, Path(tmp) / "result.pt")
-    finally:
-        if size > 1:
-            dist.destroy_process_group()
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{tmp}/store",
+                            rank=rank, world_size=size)
+    run_spawned_rank(lambda: _measure_to_file(cfg, size, rank, steps, warmup, dev, Path(tmp) / "result.pt"))
+
+
+def _measure_to_file(cfg: RunConfig, size: int, rank: int, steps: int, warmup: int, dev: torch.device,
+                     path: Path) -> None:
+    result = _measure(cfg, size, rank, steps, warmup, dev)
+    if rank == 0:
+        torch.save(result, path)
 
 
 def _measure(cfg: RunConfig, size: int, rank: int, steps: int, warmup: int, dev: torch.device) -> dict[str, float]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -85,6 +89,46 @@ def init_distributed(device_request: str) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def leave_process_group(clean: bool) -> None:
+    """Tear down gloo/nccl only once every rank is done with it.
+
+    A rank that destroys the group (and exits) while its peer is still inside a collective, or while
+    DDP wrappers and autograd graphs still hold the group, can abort in gloo's teardown ("terminate
+    called without an active exception"). After a clean run every rank meets at a barrier first; after
+    a failure a barrier could wait forever on a rank that already died, so the group is destroyed
+    directly.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()  # drop DDP wrappers and autograd graphs still tied to the group
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def run_spawned_rank(work: Callable[[], object]) -> NoReturn:
+    """Run a rank's work in a process that torch.multiprocessing started, inside an initialized group.
+
+    After the work (which leaves its results on disk) the rank leaves the group cleanly and skips
+    interpreter finalization (os._exit): a normal exit destroys gloo's C++ objects during finalization,
+    which now and then aborts a rank whose work was complete ("terminate called without an active
+    exception") and fails the whole launch for nothing. A failing rank tears the group down without
+    waiting for its peers and raises as usual. Only for spawned children: a torchrun rank or a user's
+    own process exits normally.
+    """
+    try:
+        work()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            leave_process_group(clean=False)
+        raise
+    leave_process_group(clean=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def device_for_rank(info: DistInfo, requested: str) -> torch.device:

@@ -9,7 +9,6 @@ step), so the data position is just the step and a resumed run continues bit-ide
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import math
@@ -38,7 +37,7 @@ from moegpt.parallel import ExpertParallel, check_expert_parallel_run
 from moegpt.resume import config_differences, keep_decay_horizon
 from moegpt.run_dir import resolve_run_dir, truncate_metrics
 from moegpt.runlock import RunLock
-from moegpt.runtime import autocast, device_for_rank, init_distributed, resolve_precision
+from moegpt.runtime import autocast, device_for_rank, init_distributed, leave_process_group, resolve_precision
 from moegpt.safe_io import append_line
 from moegpt.signals import stop_signals_handled
 
@@ -144,19 +143,8 @@ class Trainer:
             return summary
 
     def _leave_process_group(self, clean: bool) -> None:
-        """Tear down gloo/nccl only once every rank is done with it.
-
-        A rank that destroys the group (and exits) while its peer is still inside a collective or
-        still holds DDP's reducer can abort in gloo's teardown ("terminate called without an active
-        exception"). After a clean run every rank meets at a barrier first; after a failure a barrier
-        could wait forever on a rank that already died, so the group is destroyed directly.
-        """
-        if not (self.dist.enabled and dist.is_initialized()):
-            return
-        gc.collect()  # drop DDP wrappers and autograd graphs still tied to the group
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
+        if self.dist.enabled:
+            leave_process_group(clean)
 
     def _run(self) -> dict[str, Any]:
         run = self._open_run()

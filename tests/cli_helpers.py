@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -33,3 +34,10 @@ def train_tiny(data_root: Path, runs_root: Path, name: str, *flags: str, steps: 
     return CliRunner().invoke(app, ["train", "--preset", "tiny", "--data", "tiny", "--data-root", str(data_root),
                                     "--set", f"train.runs_root={runs_root}", "--name", name,
                                     "--max-iters", str(steps), *flags])
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a torchrun rendezvous (a fixed one can collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

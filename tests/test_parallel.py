@@ -18,6 +18,7 @@ from moegpt.moe.expert_parallel import ExpertParallelGroup, expert_parallel_forw
 from moegpt.moe.experts import ExpertBank
 from moegpt.optim import build_optimizer
 from moegpt.parallel import ExpertParallel
+from moegpt.runtime import run_spawned_rank
 
 # "aux-free@mla": the DeepSeek-shaped trunk (llama, MLA) around aux-free layers: sharding touches only experts
 VARIANTS = ("topk", "switch", "shared", "aux-free", "aux-free@mla")
@@ -151,14 +152,15 @@ def _aux_free(model) -> list:
 def _worker(rank: int, world: int, ep_size: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {v: _compare_variant(v, rank, world, ep_size) for v in VARIANTS}
-        if world == ep_size:
-            results["one-sided layer"] = _compare_one_sided_layer(rank, world)
-            results["noisy-topk"] = _noisy_topk_trains_and_evaluates_like_one_process(rank, world)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    run_spawned_rank(lambda: torch.save(_rank_results(rank, world, ep_size), os.path.join(out_dir, f"rank{rank}.pt")))
+
+
+def _rank_results(rank: int, world: int, ep_size: int) -> dict:
+    results = {v: _compare_variant(v, rank, world, ep_size) for v in VARIANTS}
+    if world == ep_size:
+        results["one-sided layer"] = _compare_one_sided_layer(rank, world)
+        results["noisy-topk"] = _noisy_topk_trains_and_evaluates_like_one_process(rank, world)
+    return results
 
 
 def _launch(tmp_path, world: int, ep_size: int) -> list[dict]:

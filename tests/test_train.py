@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, free_port
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint
@@ -238,7 +238,7 @@ def test_sigint_saves_and_exits_130(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny_data, tmp_path):
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "moegpt.cli", *base_args(tiny_data, runs, "--name", "ddp", "--max-iters", "4",
                                           "--log-interval", "2", "--device", "cpu")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), timeout=300)

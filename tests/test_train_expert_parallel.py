@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, free_port
 from typer.testing import CliRunner
 
 from moegpt.checkpoint import load_checkpoint, resolve_checkpoint
@@ -58,14 +57,8 @@ def test_global_batch_must_split_over_processes():
     check_expert_parallel_run(resolve_config("tiny", sets=["train.expert_parallel=2"]), world_size=4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "moegpt.cli", *args, "--expert-parallel", "2"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOEGPT_FAULT")}
     full_env.update(OMP_NUM_THREADS="1", **env)
