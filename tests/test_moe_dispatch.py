@@ -220,18 +220,26 @@ def test_inference_path_follows_weight_updates():
                                    atol=TOL, rtol=TOL)
 
 
-def test_one_thread_index_add_matches_index_add_and_restores_the_thread_count():
-    from moegpt.moe.sorted_experts import index_add_rows_
+@pytest.mark.parametrize("n_rows, one_thread", [(5, True), (2048, False)])  # 2048 x 32 values: every thread
+def test_index_add_rows_matches_index_add_and_restores_the_thread_count(monkeypatch, n_rows, one_thread):
+    from moegpt.moe import sorted_experts
+    from moegpt.moe.sorted_experts import ONE_THREAD_ADD_VALUES, index_add_rows_
 
+    assert (n_rows * 32 < ONE_THREAD_ADD_VALUES) == one_thread
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    counts_set: list[int] = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(sorted_experts.torch, "set_num_threads", lambda n: (counts_set.append(n), real_set(n)))
     try:
         gen = torch.Generator().manual_seed(0)
-        rows = torch.randn(5, 8, generator=gen)
-        index = torch.tensor([3, 0, 3, 7, 1])  # a repeated row accumulates
-        out = torch.randn(9, 8, generator=gen)
+        rows = torch.randn(n_rows, 32, generator=gen)
+        index = torch.randint(0, 9, (n_rows,), generator=gen)
+        index[:3] = torch.tensor([3, 0, 3])  # a repeated row accumulates
+        out = torch.randn(9, 32, generator=gen)
         expected = out.clone().index_add_(0, index, rows)
         assert torch.equal(index_add_rows_(out, index, rows), expected) and torch.equal(out, expected)
         assert torch.get_num_threads() == 2
+        assert counts_set == ([1, 2] if one_thread else [])
     finally:
-        torch.set_num_threads(threads)
+        real_set(threads)

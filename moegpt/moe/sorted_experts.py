@@ -40,6 +40,8 @@ PADDING_ROWS = 128
 MAX_RANGE_BYTES = 2 << 20
 # Up to this many padded rows the row map is built on the host (see padded_slots).
 HOST_SLOTS = 1024
+# Below this many added values index_add runs on one OpenMP thread (see index_add_rows_).
+ONE_THREAD_ADD_VALUES = 1 << 16
 
 
 def _activate_keep(h_nHin: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
@@ -78,10 +80,12 @@ def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
 
 
 def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
-    """out.index_add_(0, index, rows), on CPU with one OpenMP thread: torch's multi-threaded CPU index_add
-    costs hundreds of microseconds even for a few rows (README, "Measured on the 2-core development
-    machine"), more than a one-thread add of a whole layer's rows. Same result either way."""
-    if torch.compiler.is_compiling() or out_NX.device.type != "cpu" or torch.get_num_threads() == 1:
+    """out.index_add_(0, index, rows); a small add (fewer than ONE_THREAD_ADD_VALUES values) on CPU runs on one
+    OpenMP thread, where handing a few rows to a second thread costs more than the add. Large blocks keep every
+    thread: on one thread the other sleeps through the add and must be woken for the next op (README,
+    "Dispatch backends", has the measurements). Same result either way."""
+    if (torch.compiler.is_compiling() or out_NX.device.type != "cpu" or torch.get_num_threads() == 1
+            or rows_nX.numel() >= ONE_THREAD_ADD_VALUES):
         return out_NX.index_add_(0, index_n, rows_nX)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -89,8 +93,6 @@ def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
         return out_NX.index_add_(0, index_n, rows_nX)
     finally:
         torch.set_num_threads(threads)
-
-
 
 
 @dataclass(frozen=True)
