@@ -82,8 +82,8 @@ def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
 def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
     """out.index_add_(0, index, rows); a small add (fewer than ONE_THREAD_ADD_VALUES values) on CPU runs on one
     OpenMP thread, where handing a few rows to a second thread costs more than the add. Large blocks keep every
-    thread: on one thread the other sleeps through the add and must be woken for the next op (README,
-    "Dispatch backends", has the measurements). Same result either way."""
+    thread: on one thread the other sleeps through the add and must be woken for the next op (README, the
+    index_add note at the end of "Measured on the 2-core development machine"). Same result either way."""
     if (torch.compiler.is_compiling() or out_NX.device.type != "cpu" or torch.get_num_threads() == 1
             or rows_nX.numel() >= ONE_THREAD_ADD_VALUES):
         return out_NX.index_add_(0, index_n, rows_nX)
