@@ -17,12 +17,11 @@ and gradients). Legend: N tokens, K choices per token, C width, E experts, M = k
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
-from moegpt.moe.experts import ExpertBank, activate, mlp_apply
+from moegpt.moe.experts import ExpertBank, activate, mlp_add_to_, mlp_apply, mlp_last_product
 from moegpt.moe.sorted_experts import sorted_experts
 
 BACKENDS = DISPATCH_BACKENDS
@@ -48,9 +47,17 @@ def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weigh
                  bank: ExpertBank, backend: str = "sorted") -> Tensor:
     """residual += run_experts(...), in place (inference: a decode step's own residual); returns residual. On
     the few-assignment path every expert's product accumulates straight onto it, with no separate sum."""
-    if _few_assignment_path(backend, expert_idx_NK):
-        return _few_assignments(x_NC, expert_idx_NK, weight_NK, bank, residual_NC)
-    return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
+    if not _few_assignment_path(backend, expert_idx_NK):
+        return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
+    expert = _decode_expert_weights(bank)
+    single = x_NC.shape[0] == 1
+    for n, (experts, gates) in enumerate(zip(expert_idx_NK.tolist(), weight_NK.tolist(), strict=True)):
+        x_1C, y_1C = (x_NC, residual_NC) if single else (x_NC[n:n + 1], residual_NC[n:n + 1])
+        for e, gate in zip(experts, gates, strict=True):
+            if e >= 0:
+                w_in, w_out, gate_up = expert(e)
+                mlp_add_to_(y_1C, x_1C, w_in, w_out, bank.activation, gate_up, alpha=gate)
+    return residual_NC
 
 
 def _few_assignment_path(backend: str, idx_NK: Tensor) -> bool:
@@ -69,46 +76,39 @@ def _loop(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> 
     return y_NC
 
 
-def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank,
-                     residual_NC: Tensor | None = None) -> Tensor:
-    # Experts and gates as Python numbers (one host copy each; inference only, so no graph is lost):
-    # a gate then costs nothing, where a per-choice tensor gate costs an index, a cast and a multiply.
-    # A row's output is sum_j gate_j * (a_j @ w_out[e_j]), every product accumulated by addmm (alpha scales the
-    # new product, beta what is there): in place onto the residual's row when one is given (then returned),
-    # else the first product and its gate come from one mm.
+def _decode_expert_weights(bank: ExpertBank):
+    """e -> (w_in, w_out, (gate, up) or None) of expert e, from the bank's cached inference views (indexing the
+    [E, ...] parameters per generated token would cost an op each)."""
     w_in_E, w_out_E = bank.expert_views()
     gate_up_E = bank.gate_up_views() if bank.activation == "swiglu" else None
+    return lambda e: (w_in_E[e], None if w_out_E is None else w_out_E[e], None if gate_up_E is None else gate_up_E[e])
+
+
+def _few_assignments(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank) -> Tensor:
+    # Experts and gates as Python numbers (one host copy each; inference only, so no graph is lost):
+    # a gate then costs nothing, where a per-choice tensor gate costs an index, a cast and a multiply.
+    # A row's output is sum_j gate_j * (a_j @ w_out[e_j]): the first product and its gate from one mm, every
+    # later one accumulated by addmm (alpha scales the new product, beta what is there).
+    expert = _decode_expert_weights(bank)
     single = x_NC.shape[0] == 1
     rows = []
     for n, (experts, gates) in enumerate(zip(idx_NK.tolist(), weight_NK.tolist(), strict=True)):
         x_1C = x_NC if single else x_NC[n:n + 1]
-        y_1C = None if residual_NC is None else residual_NC if single else residual_NC[n:n + 1]
-        y_scale = 1.0  # the gate y_1C still has to be multiplied by
+        y_1C, y_scale = None, 1.0  # y_scale: the gate y_1C still has to be multiplied by
         for e, gate in zip(experts, gates, strict=True):
             if e < 0:
                 continue
-            if w_out_E is None:  # linear: the expert is its one matmul
-                a_1X, w_XC = x_1C, w_in_E[e]
-            elif gate_up_E is not None:
-                gate_CH, up_CH = gate_up_E[e]
-                a_1X, w_XC = F.silu(torch.mm(x_1C, gate_CH), inplace=True).mul_(torch.mm(x_1C, up_CH)), w_out_E[e]
-            else:
-                a_1X, w_XC = activate(torch.mm(x_1C, w_in_E[e]), bank.activation), w_out_E[e]
+            w_in, w_out, gate_up = expert(e)
+            a_1X, w_XC = mlp_last_product(x_1C, w_in, w_out, bank.activation, gate_up)
             if y_1C is None:
                 y_1C, y_scale = torch.mm(a_1X, w_XC), gate
-            elif residual_NC is not None:
-                y_1C.addmm_(a_1X, w_XC, alpha=gate)
             else:
                 y_1C, y_scale = torch.addmm(y_1C, a_1X, w_XC, beta=y_scale, alpha=gate), 1.0
-        if residual_NC is not None:
-            continue
         if y_1C is None:
             y_1C = x_1C.new_zeros(1, bank.n_embd)
         elif y_scale != 1.0:
             y_1C = y_1C.mul_(y_scale)
         rows.append(y_1C)
-    if residual_NC is not None:
-        return residual_NC
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

@@ -39,18 +39,23 @@ def mlp_apply(x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation
     return h if w_out_HC is None else h @ w_out_HC
 
 
+def mlp_last_product(x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation: str,
+                     gate_up: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Inference: (a, w) with mlp_apply(x) == a @ w, everything but the last matmul, so that a caller can
+    accumulate that product with one addmm. SwiGLU takes its (gate, up) column views of w_in when given: two
+    products cost fewer ops than one product and two slices of its result."""
+    if w_out_HC is None:  # linear: the expert is its one matmul
+        return x_MC, w_in_CH
+    if gate_up is not None:
+        return F.silu(torch.mm(x_MC, gate_up[0]), inplace=True).mul_(torch.mm(x_MC, gate_up[1])), w_out_HC
+    return activate(torch.mm(x_MC, w_in_CH), activation), w_out_HC
+
+
 def mlp_add_to_(residual_MC: Tensor, x_MC: Tensor, w_in_CH: Tensor, w_out_HC: Tensor | None, activation: str,
                 gate_up: tuple[Tensor, Tensor] | None = None, alpha: float = 1.0) -> Tensor:
     """Inference: residual += alpha * mlp_apply(x) in place, the last product accumulated onto the residual
-    by one addmm_; returns residual. SwiGLU takes its (gate, up) column views of w_in when given: two products
-    cost fewer ops than one product and two slices of its result."""
-    if w_out_HC is None:
-        return residual_MC.addmm_(x_MC, w_in_CH, alpha=alpha)
-    if gate_up is not None:
-        h_MH = F.silu(torch.mm(x_MC, gate_up[0]), inplace=True).mul_(torch.mm(x_MC, gate_up[1]))
-    else:
-        h_MH = activate(torch.mm(x_MC, w_in_CH), activation)
-    return residual_MC.addmm_(h_MH, w_out_HC, alpha=alpha)
+    by one addmm_; returns residual."""
+    return residual_MC.addmm_(*mlp_last_product(x_MC, w_in_CH, w_out_HC, activation, gate_up), alpha=alpha)
 
 
 def storage_cached(owner: nn.Module, name: str, key: object, build: Callable[[], Any]) -> Any:
