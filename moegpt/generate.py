@@ -45,6 +45,7 @@ from moegpt.inspect.stats import top1_of_choices
 from moegpt.kv_cache import KVCache
 from moegpt.moe import is_causal_variant
 from moegpt.moe.stats import generating
+from moegpt.runtime import on_one_thread
 
 if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here would be a cycle
     from moegpt.model import GPT
@@ -213,9 +214,8 @@ def generate_steps(model: GPT, idx: Tensor | Sequence[int], max_new_tokens: int,
     problems = [f"{name} {what}" for name, what in
                 sampling_problems(temperature, top_k, top_p, max_new_tokens).items()]
     block = model.config.block_size
-    keep = max(1, block // 2) if context_keep is None else context_keep
-    if not 1 <= keep <= block:
-        problems.append(f"context_keep must be in [1, block_size={block}] (got {context_keep})")
+    keep, keep_problem = context_keep_for(block, context_keep)
+    problems += [keep_problem] if keep_problem else []
     if problems:
         raise MoegptError("; ".join(problems))
     cached = _resolve_cache(model, use_cache)
@@ -285,18 +285,22 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
             yield GenerationStep(next_B1, None, False)
 
 
+def context_keep_for(block: int, context_keep: int | None) -> tuple[int, str | None]:
+    """Tokens kept when the window slides (default block_size // 2), and what is wrong with the request, if
+    anything."""
+    keep = max(1, block // 2) if context_keep is None else context_keep
+    if 1 <= keep <= block:
+        return keep, None
+    return keep, f"context_keep must be in [1, block_size={block}] (got {context_keep})"
+
+
 def _decode_step(model: GPT, idx_B: Tensor, cache: KVCache, capture: bool) -> tuple[Tensor, list | None]:
     """model.decode with one intra-op thread on CPU: a one-token step's ops are far too small to share, and
     handing one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). The
     window's passes (prompt, refills) keep every thread."""
-    threads = torch.get_num_threads()
-    if threads == 1 or idx_B.device.type != "cpu":
+    if idx_B.device.type != "cpu":
         return model.decode(idx_B, cache, capture)
-    torch.set_num_threads(1)
-    try:
-        return model.decode(idx_B, cache, capture)
-    finally:
-        torch.set_num_threads(threads)
+    return on_one_thread(model.decode, idx_B, cache, capture)
 
 
 def _unrouted(r: LayerRouting | None, batch: int, n: int) -> LayerRouting | None:

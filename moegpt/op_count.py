@@ -51,12 +51,12 @@ def decode_ops_per_token(model: GPT, prompt_ids: Tensor | Sequence[int], context
     (weights laid out for decode steps), as any earlier generation would have.
     """
     from moegpt.errors import MoegptError
-    from moegpt.generate import _as_batch, generate, slide_steps
+    from moegpt.generate import _as_batch, context_keep_for, generate, slide_steps
 
     block = model.config.block_size
-    keep = max(1, block // 2) if context_keep is None else context_keep
-    if not 1 <= keep <= block:
-        raise MoegptError(f"context_keep must be in [1, block_size={block}] (got {context_keep})")
+    keep, problem = context_keep_for(block, context_keep)
+    if problem:
+        raise MoegptError(problem)
     slides = slide_steps(_as_batch(prompt_ids, "cpu").shape[1], block, keep)
     first, end = next(slides), next(slides)
     sampling = {"temperature": 0.0, **sampling}

@@ -8,13 +8,15 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from moegpt.config import precision_problem
 from moegpt.errors import MoegptError
+
+T = TypeVar("T")
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -89,6 +91,19 @@ def init_distributed(device_request: str) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def on_one_thread(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) with one intra-op CPU thread, the caller's thread count restored afterwards: for ops far too
+    small to share, where handing work to a second OpenMP thread costs more than the work (README, "Threads")."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return fn(*args)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def leave_process_group(clean: bool) -> None:

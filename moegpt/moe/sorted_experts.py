@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moegpt.moe.experts import activate
+from moegpt.runtime import on_one_thread
 
 # A range of experts may pad each expert to its largest block while the padding stays within
 # PADDING_SLACK of its real rows, or within PADDING_ROWS rows whatever the slack (below that, padding rows cost
@@ -87,12 +88,7 @@ def index_add_rows_(out_NX: Tensor, index_n: Tensor, rows_nX: Tensor) -> Tensor:
     if (torch.compiler.is_compiling() or out_NX.device.type != "cpu" or torch.get_num_threads() == 1
             or rows_nX.numel() >= ONE_THREAD_ADD_VALUES):
         return out_NX.index_add_(0, index_n, rows_nX)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return out_NX.index_add_(0, index_n, rows_nX)
-    finally:
-        torch.set_num_threads(threads)
+    return on_one_thread(out_NX.index_add_, 0, index_n, rows_nX)
 
 
 @dataclass(frozen=True)
@@ -104,10 +100,6 @@ class ExpertRange:
     stop: int
     cap: int
     offset: int
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.offset, self.offset + (self.stop - self.first) * self.cap)
 
 
 def _round_up(n: int, multiple: int) -> int:
