@@ -103,8 +103,8 @@ def quality_columns(final_val_ce: list[float], curves: list[list[tuple[float, fl
                       "val_ce_at_equal_time_minus_first": dt} for s, ds, t, dt in columns]}
 
 
-def _train_case(cfg: RunConfig, name: str, on_event) -> tuple[dict[str, Any], list[tuple[float, float]]]:
-    """Train one case: (its row of speed, size and load, its (train_s, val CE) evaluation curve)."""
+def _train_case(cfg: RunConfig, name: str, on_event) -> tuple[dict[str, Any], list[tuple[float, float]], float]:
+    """Train one case: (its row of speed, size and load, its (train_s, val CE) evaluation curve, its final val CE)."""
     from moegpt.train import Trainer
 
     last_log: dict[str, Any] = {}
@@ -118,12 +118,12 @@ def _train_case(cfg: RunConfig, name: str, on_event) -> tuple[dict[str, Any], li
         if on_event:
             on_event(kind, {**payload, "case": name})
     summary = Trainer(cfg, on_event=capture).run()
-    row = {"case": name, "variant": cfg.moe.variant, "final_val_ce": summary["final_val_ce"],
-           "train_s": round(curve[-1][0], 1), "tokens_per_s": round(summary["tokens_per_s"], 1),
+    row = {"case": name, "variant": cfg.moe.variant, "train_s": round(curve[-1][0], 1),
+           "tokens_per_s": round(summary["tokens_per_s"], 1),
            "wall_s": round(summary["wall_s"], 1), "active_params": summary["params"]["active"],
            "total_params": summary["params"]["total"],
            "max_mean_load": max((lay["max_mean_load"] for lay in last_log.get("layers", [])), default=None)}
-    return row, curve
+    return row, curve, summary["final_val_ce"]
 
 
 def bench_quality(base_cfg: RunConfig, cases: dict[str, list[str]], steps: int, on_event=None,
@@ -135,14 +135,15 @@ def bench_quality(base_cfg: RunConfig, cases: dict[str, list[str]], steps: int, 
     if not cases:
         raise MoegptError("no cases to compare")
     configs = {name: case_config(base_cfg, name, assignments, steps, evals) for name, assignments in cases.items()}
-    rows, curves = [], []
+    rows, curves, final_val_ce = [], [], []
     with tempfile.TemporaryDirectory(prefix="moegpt-quality-") as runs_root:
         for name, cfg in configs.items():
             cfg.train.runs_root = runs_root
-            row, curve = _train_case(cfg, name, on_event)
+            row, curve, final = _train_case(cfg, name, on_event)
             rows.append({**row, "overrides": cases[name]})
             curves.append(curve)
-    quality = quality_columns([row.pop("final_val_ce") for row in rows], curves)
+            final_val_ce.append(final)
+    quality = quality_columns(final_val_ce, curves)
     rows = [{**row, **columns} for row, columns in zip(rows, quality["rows"], strict=True)]
     return {"machine": machine_info(), "steps": steps, "equal_time_s": round(quality["equal_time_s"], 1),
             "equal_time_case": rows[quality["budget_case"]]["case"], "rows": rows}

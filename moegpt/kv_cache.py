@@ -36,15 +36,16 @@ class KVCache:
         if not self.kv:
             self.kv, self.lengths, self.decode_views = [None] * n_layer, [0] * n_layer, [None] * n_layer
 
-    def _buffer(self, layer: int, like: Tensor, batch: int, width: int, capacity: int) -> Tensor:
+    def _buffer(self, layer: int, like: Tensor, width: int, capacity: int) -> Tensor:
+        """layer's [B, capacity, width] buffer (B = like's first dimension), made on first use."""
         buf = self.kv[layer]
         if buf is None:
-            buf = self.kv[layer] = like.new_empty(batch, capacity, width)
+            buf = self.kv[layer] = like.new_empty(like.shape[0], capacity, width)
         return buf
 
     def append(self, layer: int, rows_BTX: Tensor, capacity: int) -> Tensor:
         """Store the new rows of `layer`; return all rows so far [B, S, X] (a view of the buffer)."""
-        buf = self._buffer(layer, rows_BTX, rows_BTX.shape[0], rows_BTX.shape[-1], capacity)
+        buf = self._buffer(layer, rows_BTX, rows_BTX.shape[-1], capacity)
         past, T = self.lengths[layer], rows_BTX.shape[1]
         buf[:, past:past + T] = rows_BTX
         self.lengths[layer] = past + T
@@ -53,7 +54,7 @@ class KVCache:
     def next_row(self, layer: int, like: Tensor, width: int, capacity: int) -> Tensor:
         """The row [B, X] of `layer`'s buffer that the next token goes into (a view; B = like's rows), counted
         as stored: the caller fills it in place."""
-        buf = self._buffer(layer, like, like.shape[0], width, capacity)
+        buf = self._buffer(layer, like, width, capacity)
         past = self.lengths[layer]
         self.lengths[layer] = past + 1
         return buf[:, past]
