@@ -141,12 +141,9 @@ class RoutedMoE(FFNLayer):
     def _routed_forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, RouterStats]:
         B, T, C = x.shape
         x_NC = x.reshape(B * T, C)
-        logits_NE = self.router_logits(x_NC)
-        idx_NK, weight_NK = self.select(logits_NE, x_NC)
-        if self.routed_scaling_factor != 1.0:  # DeepSeek-V3 scales the routed gates after normalising them
-            weight_NK = weight_NK * self.routed_scaling_factor
+        logits_NE, idx_NK, weight_NK = self._route(x_NC)
         dropped_NK = self.capacity_dropped(idx_NK, B, T)
-        dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
+        dispatch_idx = _without(idx_NK, dropped_NK, -1)
         ep = self.expert_parallel
         if ep is None:
             y_NC = run_experts(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
@@ -164,7 +161,7 @@ class RoutedMoE(FFNLayer):
             balance=balance, z=z, seq_balance=seq_balance,
             n_expert=self.n_expert,
             expert_idx_NK=idx_NK,
-            expert_weight_NK=_detached(weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0)),
+            expert_weight_NK=_detached(_without(weight_NK, dropped_NK, 0)),
             dropped_NK=dropped_NK,
             router_probs_NE=None if generating else _detached(self.router_probs(logits_NE)),
             router_logits_NE=_detached(logits_NE),
@@ -174,37 +171,49 @@ class RoutedMoE(FFNLayer):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         return self.routed_forward(x, mask)
 
+    def _route(self, x_NC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Router logits, then the variant's choices and gates (scaled by routed_scaling_factor: DeepSeek-V3
+        scales the routed gates after normalising them)."""
+        logits_NE = self.router_logits(x_NC)
+        idx_NK, weight_NK = self.select(logits_NE, x_NC)
+        if self.routed_scaling_factor != 1.0:
+            weight_NK = weight_NK * self.routed_scaling_factor
+        return logits_NE, idx_NK, weight_NK
+
     def decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
-        """FFNLayer.decode: `routed_decode`, or forward when the experts live on other ranks (expert parallel).
-        A subclass whose forward adds to the routed output overrides this too."""
+        """FFNLayer.decode: `routed_decode`, then `add_unrouted_`; or forward when the experts live on other
+        ranks (expert parallel)."""
         if self.expert_parallel is not None:
             return super().decode(h_NC, x_NC, capture)
-        return self.routed_decode(h_NC, x_NC, capture)
+        x_NC, stats = self.routed_decode(h_NC, x_NC, capture)
+        return self.add_unrouted_(h_NC, x_NC), stats
+
+    def add_unrouted_(self, h_NC: Tensor, x_NC: Tensor) -> Tensor:
+        """Decode: what a subclass's forward adds to the routed output (shared experts), added onto x in place;
+        returns x. Nothing here."""
+        return x_NC
 
     def routed_decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
         """x + the routed output for one new token per sequence: forward's routing and experts, the experts'
         products accumulated onto the residual x in place, no losses, and stats (routing facts only) when
         captured."""
         try:
-            logits_NE = self.router_logits(h_NC)
-            idx_NK, weight_NK = self.select(logits_NE, h_NC)
+            logits_NE, idx_NK, weight_NK = self._route(h_NC)
         finally:
             self._forward_memo.clear()
-        if self.routed_scaling_factor != 1.0:
-            weight_NK = weight_NK * self.routed_scaling_factor
         N, K = idx_NK.shape
         # a capacity of at least every choice of the step drops nothing: skip the mask (unless it is captured)
         dropped_NK = None
         if self.capacity_factor > 0 and (capture or self._capacity(N, K) < N * K):
             dropped_NK = self.capacity_dropped(idx_NK, N, 1)
-        dispatch_idx = idx_NK if dropped_NK is None else idx_NK.masked_fill(dropped_NK, -1)
+        dispatch_idx = _without(idx_NK, dropped_NK, -1)
         y_NC = add_experts_(x_NC, h_NC, dispatch_idx, weight_NK, self.experts, self.dispatch)
         if not capture:
             return y_NC, None
         zero = _zero(logits_NE)
         return y_NC, RouterStats(
             balance=zero, z=zero, seq_balance=zero, n_expert=self.n_expert, expert_idx_NK=idx_NK,
-            expert_weight_NK=weight_NK if dropped_NK is None else weight_NK.masked_fill(dropped_NK, 0),
+            expert_weight_NK=_without(weight_NK, dropped_NK, 0),
             dropped_NK=dropped_NK, router_logits_NE=logits_NE)
 
     def active_params(self, block_size: int) -> int:
@@ -217,6 +226,11 @@ def _fp32(t: Tensor) -> Tensor:
 
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _without(t_NK: Tensor, dropped_NK: Tensor | None, fill: float) -> Tensor:
+    """t with the capacity-dropped choices set to fill (-1: no expert; 0: no gate)."""
+    return t_NK if dropped_NK is None else t_NK.masked_fill(dropped_NK, fill)
 
 
 def _zero(like: Tensor) -> Tensor:

@@ -46,14 +46,13 @@ class SharedExpertMoE(RoutedMoE):
             shared_norm / (shared_norm + routed.detach().float().norm(dim=-1)).clamp(min=1e-9)).mean()
         return routed + shared, stats
 
-    def decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
-        """The routed experts onto the residual, then the shared ones (no output-share statistic)."""
-        if self.shared is None or self.expert_parallel is not None:
-            return super().decode(h_NC, x_NC, capture)
-        x_NC, stats = self.routed_decode(h_NC, x_NC, capture)
+    def add_unrouted_(self, h_NC: Tensor, x_NC: Tensor) -> Tensor:
+        """Decode: the shared experts onto the residual after the routed ones (no output-share statistic)."""
+        if self.shared is None:
+            return x_NC
         if self.shared_gate is None:
-            return self.shared.add_to_(x_NC, h_NC), stats
-        return x_NC.add_(torch.sigmoid(self.shared_gate(h_NC)) * self.shared(h_NC)), stats
+            return self.shared.add_to_(x_NC, h_NC)
+        return x_NC.add_(torch.sigmoid(self.shared_gate(h_NC)) * self.shared(h_NC))
 
     def active_params(self, block_size: int) -> int:
         shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
