@@ -42,16 +42,17 @@ def saved_config_path(cfg: RunConfig) -> Path | None:
 
 # How a run is launched, not what it trains: a resume takes these from its own command line (or their
 # defaults), never from the saved run, since the same run may continue on another number of processes.
-LAUNCH_KEYS = {"train.expert_parallel": 1}
+LAUNCH_KEYS = ("train.expert_parallel",)
 
 
 def resume_config(cfg: RunConfig, given: set[str]) -> RunConfig:
     """The saved run's config as the base of a resume, with the launch keys not given on this command line
     back at their defaults."""
-    for dotted, default in LAUNCH_KEYS.items():
+    defaults = RunConfig()
+    for dotted in LAUNCH_KEYS:
         if dotted not in given:
             section, key = dotted.split(".")
-            setattr(getattr(cfg, section), key, default)
+            setattr(getattr(cfg, section), key, getattr(getattr(defaults, section), key))
     return cfg
 
 
