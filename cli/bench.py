@@ -84,7 +84,8 @@ def render(result: dict[str, Any], fmt: str, title: str, columns: list[str], wid
         return
     m = result["machine"]
     header = (f"{m['cpu']} | {m.get('gpu', 'no GPU')} | torch {m['torch']} | {m['threads']} threads"
-              + (f" ({m['omp_wait_policy']} wait)" if m.get("omp_wait_policy") else ""))
+              + (f" ({m['omp_wait_policy']} wait)" if m.get("omp_wait_policy") else "")
+              + (f" | native kernel {m['native_kernel']}" if m.get("native_kernel") else ""))
     extra = {k: v for k, v in result.items() if k not in ("machine", "rows")}
     style = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": (0, 0)} if compact else {}
     table = Table(title=title, caption=header + (" | " + " ".join(f"{k}={v}" for k, v in extra.items())

@@ -21,7 +21,7 @@ import torch
 
 from moegpt.config import ModelConfig, MoEConfig, TrainConfig
 from moegpt.model import GPT, aux_losses
-from moegpt.moe import build_ffn, moe_layer_indices
+from moegpt.moe import build_ffn, moe_layer_indices, native
 from moegpt.optim import build_optimizer
 from moegpt.runtime import autocast
 from moegpt.threads import wait_policy
@@ -41,6 +41,9 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
             "python": platform.python_version()}
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if device is None or device.type == "cpu":
+        why = native.reason()
+        info["native_kernel"] = "on" if why is None else f"off: {why}"
     return info
 
 

@@ -8,6 +8,7 @@ combine weights, every expert weight) must agree in fp32 to 1e-5, including drop
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 
@@ -15,13 +16,15 @@ import pytest
 import torch
 
 from moegpt.errors import MoegptError
-from moegpt.moe import ACTIVATIONS
+from moegpt.moe import ACTIVATIONS, native
 from moegpt.moe import BACKENDS as DISPATCH_BACKENDS
 from moegpt.moe.dispatch import run_experts
 from moegpt.moe.experts import ExpertBank
 
 N, K, C, H, E = 16, 2, 16, 8, 4  # widths are multiples of 8 so `grouped` can run
 TOL = 1e-5
+# `sorted` with the native kernel turned off: its Python path (the kernel serves plain `sorted` on CPU)
+PYTHON_SORTED = "sorted (python path)"
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,7 +35,7 @@ def has_grouped_mm() -> bool:
 
 
 def backends() -> list:
-    out = []
+    out = [pytest.param(PYTHON_SORTED)]
     for name in DISPATCH_BACKENDS:
         if name == "loop":
             continue
@@ -40,6 +43,14 @@ def backends() -> list:
             [pytest.mark.skip(reason="torch._grouped_mm is missing in this torch")]
         out.append(pytest.param(name, marks=marks))
     return out
+
+
+@contextlib.contextmanager
+def native_kernel_off():
+    """The sorted dispatch's Python path, as on a machine where the native kernel is not built."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "available", lambda: False)
+        yield
 
 
 def reference(x_NC, idx_NK, weight_NK, bank: ExpertBank):
@@ -97,7 +108,13 @@ def run_with_grads(backend: str, activation: str, case: str) -> dict[str, torch.
     x = torch.randn(idx.shape[0], C, generator=gen, requires_grad=True)
     w = torch.rand(idx.shape, generator=gen, requires_grad=True)
     grad_out = torch.randn(idx.shape[0], C, generator=gen)
-    y = reference(x, idx, w, bank) if backend == "reference" else run_experts(x, idx, w, bank, backend)
+    if backend == "reference":
+        y = reference(x, idx, w, bank)
+    elif backend == PYTHON_SORTED:
+        with native_kernel_off():  # the path is chosen at forward: backward follows it
+            y = run_experts(x, idx, w, bank, "sorted")
+    else:
+        y = run_experts(x, idx, w, bank, backend)
     if y.requires_grad:  # the reference with every choice dropped is a constant zero
         (y * grad_out).sum().backward()
     tensors = {"y": y.detach(), "x.grad": x.grad, "weight.grad": w.grad}

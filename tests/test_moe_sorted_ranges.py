@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_moe_dispatch import CASES, assert_close_all, run_with_grads
+from test_moe_dispatch import CASES, PYTHON_SORTED, assert_close_all, run_with_grads
 
 import moegpt.moe.sorted_experts as sorted_experts
 from moegpt.moe import ACTIVATIONS
@@ -77,5 +77,5 @@ def test_every_grouping_matches_the_reference(monkeypatch, grouping, activation,
     else:
         monkeypatch.setattr(sorted_experts, "PADDING_ROWS", 1 << 30)
         monkeypatch.setattr(sorted_experts, "MAX_RANGE_BYTES", 1 << 40)
-    got = run_with_grads.__wrapped__("sorted", activation, case)
+    got = run_with_grads.__wrapped__(PYTHON_SORTED, activation, case)  # ranges are the Python path's
     assert_close_all(got, run_with_grads("reference", activation, case), f"{grouping}/{activation}/{case}")

@@ -1,0 +1,258 @@
+// Sorted-expert MLP forward and backward with the experts spread over the intra-op threads: every thread
+// takes a contiguous share of the expert-sorted assignment rows and runs its experts' blocks on its own
+// (gather, matmul, activation, matmul, gate) with single-threaded kernels, so that one parallel region
+// replaces the handful of thread hand-offs each op of each block would cost. Rows are then summed per
+// token by a second region (fixed order: deterministic, no atomics).
+//
+// Legend: N tokens, C width, E experts, M assignments (sorted by expert), H expert hidden width,
+// Hin the first projection's width (2H for SwiGLU, H otherwise, C for linear).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+enum Activation : int64_t { kLinear = 0, kGelu = 1, kRelu = 2, kSwiglu = 3 };
+
+// The rows [lo, hi) of one expert inside one thread's share.
+struct Segment {
+  int64_t expert, lo, hi;
+  bool whole;  // the segment is all of the expert's rows
+};
+
+// Contiguous shares of M rows, one per thread, each cut at the expert boundaries it crosses.
+std::vector<std::vector<Segment>> plan_shares(const std::vector<int64_t>& counts, int64_t shares) {
+  int64_t M = 0;
+  for (auto n : counts) M += n;
+  std::vector<std::vector<Segment>> plan(shares);
+  std::vector<int64_t> starts(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e) starts[e + 1] = starts[e] + counts[e];
+  for (int64_t p = 0; p < shares; ++p) {
+    int64_t lo = M * p / shares, hi = M * (p + 1) / shares;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      int64_t a = std::max(lo, starts[e]), b = std::min(hi, starts[e + 1]);
+      if (a < b) plan[p].push_back({(int64_t)e, a, b, a == starts[e] && b == starts[e + 1]});
+    }
+  }
+  return plan;
+}
+
+int64_t share_count(int64_t M) {
+  // a share below a few dozen rows costs more in hand-off than it saves
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 32));
+}
+
+// Every share adds its rows into its own [N, C] accumulator while they are still in cache (shares would race on a
+// token's row in one accumulator); the accumulators are then summed in share order (deterministic).
+// Each accumulator is zeroed by its own share's thread, on first use.
+struct Accumulators {
+  std::vector<at::Tensor> per_share;
+  int64_t N, C;
+  at::TensorOptions options;
+  Accumulators(int64_t shares, int64_t N, int64_t C, const at::TensorOptions& options)
+      : per_share(shares), N(N), C(C), options(options) {}
+  void add(int64_t share, const at::Tensor& tok_s, const at::Tensor& rows_s) {
+    if (!per_share[share].defined()) per_share[share] = at::zeros({N, C}, options);
+    per_share[share].index_add_(0, tok_s, rows_s);
+  }
+  at::Tensor sum() {
+    std::vector<at::Tensor> used;
+    for (const auto& t : per_share) if (t.defined()) used.push_back(t);
+    if (used.empty()) return at::zeros({N, C}, options);
+    auto out = used[0];
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+      for (size_t p = 1; p < used.size(); ++p) {
+        const float* src = used[p].data_ptr<float>();
+        for (int64_t i = b * C; i < e * C; ++i) dst[i] += src[i];
+      }
+    });
+    return out;
+  }
+};
+
+at::Tensor activate(const at::Tensor& h, int64_t act, at::Tensor* silu_gate) {
+  switch (act) {
+    case kGelu: return at::gelu(h);
+    case kRelu: return at::relu(h);
+    case kSwiglu: {
+      auto H = h.size(1) / 2;
+      auto s = at::silu(h.narrow(1, 0, H));
+      if (silu_gate) *silu_gate = s;
+      return s * h.narrow(1, H, H);
+    }
+    default: return h;
+  }
+}
+
+at::Tensor activation_backward(const at::Tensor& grad_a, const at::Tensor& h, int64_t act,
+                               const at::Tensor& silu_gate) {
+  switch (act) {
+    case kGelu: return at::gelu_backward(grad_a, h);
+    case kRelu: return grad_a * (h > 0);
+    case kSwiglu: {
+      auto H = h.size(1) / 2;
+      auto grad_h = at::empty_like(h);
+      auto grad_gate = grad_h.narrow(1, 0, H), grad_up = grad_h.narrow(1, H, H);
+      at::mul_out(grad_up, grad_a, silu_gate);
+      at::silu_backward_out(grad_gate, grad_a * h.narrow(1, H, H), h.narrow(1, 0, H));
+      return grad_h;
+    }
+    default: return grad_a;
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& gate, const at::Tensor& counts,
+                  const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, int64_t act) {
+  TORCH_CHECK(act >= kLinear && act <= kSwiglu, "unknown activation code ", act);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [N, C]");
+  TORCH_CHECK(tok.dim() == 1 && tok.scalar_type() == at::kLong, "tok: int64 [M]");
+  TORCH_CHECK(gate.sizes() == tok.sizes() && gate.scalar_type() == at::kFloat, "gate: float32 [M]");
+  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong && counts.size(0) == w_in.size(0),
+              "counts: int64 [E]");
+  TORCH_CHECK(counts.sum().item<int64_t>() == tok.size(0), "counts must add up to the assignments");
+  TORCH_CHECK(w_in.dim() == 3 && w_in.size(1) == x.size(1) && w_in.scalar_type() == at::kFloat, "w_in: [E, C, Hin]");
+  TORCH_CHECK((act == kLinear) == !w_out.has_value(), "w_out is absent exactly for the linear activation");
+  if (w_out) {
+    const int64_t H = act == kSwiglu ? w_in.size(2) / 2 : w_in.size(2);
+    TORCH_CHECK(w_out->dim() == 3 && w_out->size(0) == w_in.size(0) && w_out->size(1) == H &&
+                w_out->scalar_type() == at::kFloat, "w_out: [E, H, C]");
+  }
+}
+
+std::vector<int64_t> to_vector(const at::Tensor& counts) {
+  auto c = counts.contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+// Returns (y [N, C_out], h [M, Hin], and a [M, H] for GELU, whose erf costs more to recompute than to keep,
+// else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& tok,
+                                                       const at::Tensor& gate, const at::Tensor& counts,
+                                                       const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out,
+                                                       int64_t act) {
+  check_inputs(x, tok, gate, counts, w_in, w_out, act);
+  const int64_t M = tok.size(0), N = x.size(0), Hin = w_in.size(2);
+  const bool linear = act == kLinear;
+  const int64_t H = act == kSwiglu ? Hin / 2 : Hin;
+  const int64_t C_out = linear ? Hin : w_out->size(2);
+  auto h = at::empty({M, Hin}, x.options());
+  auto a_kept = act == kGelu ? at::empty({M, H}, x.options()) : at::Tensor();
+  auto plan = plan_shares(to_vector(counts), share_count(M));
+  Accumulators y(plan.size(), N, C_out, x.options());
+  auto gate_M1 = gate.unsqueeze(1);
+  at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      for (const auto& s : plan[p]) {
+        auto tok_s = tok.narrow(0, s.lo, s.hi - s.lo);
+        auto h_s = h.narrow(0, s.lo, s.hi - s.lo);
+        at::mm_out(h_s, x.index_select(0, tok_s), w_in[s.expert]);
+        if (linear) {
+          y.add(p, tok_s, h_s * gate_M1.narrow(0, s.lo, s.hi - s.lo));
+          continue;
+        }
+        at::Tensor a;
+        if (a_kept.defined()) {
+          a = a_kept.narrow(0, s.lo, s.hi - s.lo);
+          at::gelu_out(a, h_s);  // only GELU keeps its activation
+        } else {
+          a = activate(h_s, act, nullptr);
+        }
+        y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]).mul_(gate_M1.narrow(0, s.lo, s.hi - s.lo)));
+      }
+    }
+  });
+  return {y.sum(), h, a_kept.defined() ? a_kept : at::empty({0}, x.options())};
+}
+
+// Returns (grad_x [N, C], grad_gate [M], grad_w_in [E, C, Hin], grad_w_out [E, H, C] or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& tok, const at::Tensor& gate,
+    const at::Tensor& counts, const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, const at::Tensor& h,
+    const at::Tensor& a_kept, int64_t act) {
+  check_inputs(x, tok, gate, counts, w_in, w_out, act);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(), "grad_y: contiguous [N, C]");
+  const int64_t M = tok.size(0), N = x.size(0), E = w_in.size(0), C = x.size(1);
+  const bool linear = act == kLinear;
+  auto counts_E = to_vector(counts);
+  auto plan = plan_shares(counts_E, share_count(M));
+  auto grad_gate = at::empty({M}, x.options());
+  Accumulators grad_x(plan.size(), N, C, x.options());
+  auto grad_w_in = at::empty_like(w_in);
+  auto grad_w_out = linear ? at::Tensor() : at::empty_like(*w_out);
+  // an expert cut between two shares gets one partial gradient per share, summed after the region
+  std::vector<std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>>> partial(plan.size());
+  auto gate_M1 = gate.unsqueeze(1);
+  at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      for (const auto& s : plan[p]) {
+        const int64_t rows = s.hi - s.lo;
+        auto tok_s = tok.narrow(0, s.lo, rows);
+        auto gate_s = gate_M1.narrow(0, s.lo, rows);
+        auto h_s = h.narrow(0, s.lo, rows);
+        auto grad_gate_s = grad_gate.narrow(0, s.lo, rows);
+        auto g = grad_y.index_select(0, tok_s);  // dL/d(weighted expert output)
+        at::Tensor grad_h, dw_out;
+        if (linear) {
+          at::sum_out(grad_gate_s, h_s * g, {1});
+          grad_h = g * gate_s;
+        } else {
+          auto w_out_t = (*w_out)[s.expert].t();
+          auto grad_a = at::mm(g, w_out_t);
+          at::Tensor silu_gate;
+          auto a = a_kept.numel() ? a_kept.narrow(0, s.lo, rows) : activate(h_s, act, &silu_gate);
+          at::sum_out(grad_gate_s, a * grad_a, {1});
+          auto weighted = g * gate_s;
+          if (s.whole) {
+            auto slot = grad_w_out[s.expert];
+            at::mm_out(slot, a.t(), weighted);
+          } else {
+            dw_out = at::mm(a.t(), weighted);
+          }
+          grad_h = activation_backward(grad_a.mul_(gate_s), h_s, act, silu_gate);
+        }
+        auto x_s = x.index_select(0, tok_s);
+        if (s.whole) {
+          auto slot = grad_w_in[s.expert];
+          at::mm_out(slot, x_s.t(), grad_h);
+        } else {
+          partial[p].emplace_back(s.expert, at::mm(x_s.t(), grad_h), dw_out);
+        }
+        grad_x.add(p, tok_s, at::mm(grad_h, w_in[s.expert].t()));
+      }
+    }
+  });
+  std::vector<bool> written(E, false);
+  for (int64_t e = 0; e < E; ++e) written[e] = false;
+  for (const auto& share : plan)
+    for (const auto& s : share) if (s.whole) written[s.expert] = true;
+  for (int64_t e = 0; e < E; ++e) {
+    if (written[e]) continue;
+    grad_w_in[e].zero_();
+    if (!linear) grad_w_out[e].zero_();
+  }
+  for (const auto& share : partial)
+    for (const auto& [e, dw_in, dw_out] : share) {
+      grad_w_in[e].add_(dw_in);
+      if (!linear) grad_w_out[e].add_(dw_out);
+    }
+  return {grad_x.sum(), grad_gate, grad_w_in,
+          linear ? at::empty({0}, x.options()) : grad_w_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moegpt_native, m) {
+  m.def("sorted_experts_forward(Tensor x, Tensor tok, Tensor gate, Tensor counts, Tensor w_in, Tensor? w_out, "
+        "int act) -> (Tensor, Tensor, Tensor)");
+  m.def("sorted_experts_backward(Tensor grad_y, Tensor x, Tensor tok, Tensor gate, Tensor counts, Tensor w_in, "
+        "Tensor? w_out, Tensor h, Tensor a_kept, int act) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moegpt_native, CPU, m) {
+  m.impl("sorted_experts_forward", &forward);
+  m.impl("sorted_experts_backward", &backward);
+}

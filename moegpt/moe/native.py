@@ -1,0 +1,105 @@
+"""The native CPU kernel of the sorted dispatch (csrc/sorted_experts.cpp), built on first use.
+
+The kernel runs a whole layer's expert blocks in one parallel region: every intra-op thread takes a
+contiguous share of the expert-sorted assignments and runs its experts with single-threaded kernels, and
+no Python runs between the ops. It is compiled with the machine's C++ compiler through torch's extension
+builder (ninja) into a cache directory keyed by the source's hash, so that a changed source never loads a
+stale library; the first build takes several seconds and says so on stderr.
+
+Nothing depends on it: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
+environment, the sorted dispatch runs its Python path (same results to float rounding), and `reason()`
+says why. Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "sorted_experts.cpp"
+DISABLE_ENV = "MOEGPT_NATIVE"
+CACHE_ENV = "MOEGPT_NATIVE_CACHE"
+# Activation codes the kernel takes (csrc/sorted_experts.cpp, enum Activation).
+ACTIVATION_CODES = {"linear": 0, "gelu": 1, "relu": 2, "swiglu": 3}
+
+_state: dict[str, object] = {}
+
+
+def _cache_dir(digest: str) -> Path:
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moegpt"
+    return Path(root) / "native" / f"torch-{torch.__version__}-{digest}"
+
+
+def _build() -> str | None:
+    """Load (building if needed) the kernel; None when loaded, else why not."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"{DISABLE_ENV}=0"
+    try:
+        from torch.utils.cpp_extension import load
+    except ImportError as err:  # pragma: no cover - part of every torch wheel
+        return f"torch's extension builder is missing ({err})"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    build_dir = _cache_dir(digest)
+    name = f"moegpt_native_{digest}"
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not (build_dir / f"{name}.so").exists():
+            print("moegpt: compiling the native expert kernel (first use on this machine, a few seconds)...",
+                  file=sys.stderr, flush=True)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], build_directory=str(build_dir),
+             is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler, no ninja, a failed build: the Python path serves
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"build failed: {first}"
+    return None
+
+
+def reason() -> str | None:
+    """None when the native kernel is loaded; otherwise why it is not (builds it on the first call)."""
+    if "reason" not in _state:
+        _state["reason"] = why = _build()
+        if why is not None and not why.startswith(DISABLE_ENV):
+            print(f"moegpt: the native expert kernel is unavailable ({why}); the sorted dispatch runs its Python "
+                  "path", file=sys.stderr, flush=True)
+    return _state["reason"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return reason() is None
+
+
+class NativeSortedExperts(torch.autograd.Function):
+    """SortedExperts' contract (y_NC = sum over assignments m of gate_M[m] * expert_{e(m)}(x_NC[tok_M[m]]),
+    tok_M sorted by expert) through the native kernel: fp32 on CPU, one parallel region per direction."""
+
+    @staticmethod
+    def forward(ctx, x_NC, gate_M, w_in, w_out, tok_M, counts_E, activation):
+        code = ACTIVATION_CODES[activation]
+        y_NC, h_MHin, a_MH = torch.ops.moegpt_native.sorted_experts_forward(
+            x_NC, tok_M, gate_M, counts_E, w_in, w_out, code)
+        ctx.save_for_backward(x_NC, gate_M, w_in, w_out, tok_M, counts_E, h_MHin, a_MH)
+        ctx.code = code
+        return y_NC
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y_NC):
+        x_NC, gate_M, w_in, w_out, tok_M, counts_E, h_MHin, a_MH = ctx.saved_tensors
+        grad_x, grad_gate, grad_w_in, grad_w_out = torch.ops.moegpt_native.sorted_experts_backward(
+            grad_y_NC.contiguous(), x_NC, tok_M, gate_M, counts_E, w_in, w_out, h_MHin, a_MH, ctx.code)
+        return grad_x, grad_gate, grad_w_in, None if w_out is None else grad_w_out, None, None, None
+
+
+def serves(x_NC: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None, compute_dtype: torch.dtype,
+           bucket: int, activation: str) -> bool:
+    """Whether the native kernel takes this call: fp32 on CPU, no bucketing, not under torch.compile."""
+    if torch.compiler.is_compiling() or x_NC.device.type != "cpu" or bucket != 1:
+        return False
+    if activation not in ACTIVATION_CODES:
+        return False
+    if any(t is not None and t.dtype != torch.float32 for t in (x_NC, w_in, w_out)):
+        return False
+    return compute_dtype == torch.float32 and available()

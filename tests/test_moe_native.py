@@ -1,0 +1,140 @@
+"""The native CPU kernel of the sorted dispatch (moegpt/moe/native.py, csrc/sorted_experts.cpp).
+
+Equivalence against the Python path of the same dispatch (itself tested against a per-token reference in
+test_moe_dispatch.py) at sizes where the kernel cuts experts between threads: outputs and every gradient,
+for every activation and routing situation, bit-for-bit repeatable; then when the kernel serves a call
+and how the dispatch falls back when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+from test_moe_dispatch import native_kernel_off
+
+from moegpt.moe import ACTIVATIONS, native
+from moegpt.moe.sorted_experts import sorted_experts
+
+if os.environ.get(native.DISABLE_ENV) == "0":
+    pytest.skip(f"{native.DISABLE_ENV}=0: the native kernel is turned off", allow_module_level=True)
+
+N, C, H, E, K = 300, 24, 16, 6, 2
+TOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Two shares of the assignments: an expert's rows are cut between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_kernel_builds_here():
+    assert native.available(), native.reason()
+
+
+def routing(case: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(tok_M, gate_M, counts_E) sorted by expert, as the dispatch passes them."""
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])
+    if case == "dropped":  # tokens with one or no kept choice
+        idx[torch.rand(N, K, generator=gen) < 0.4] = -1
+    elif case == "idle_experts":
+        idx = torch.stack([torch.randperm(3, generator=gen)[:K] for _ in range(N)])  # experts 3.. stay idle
+    elif case == "one_expert":
+        idx[:, 0], idx[:, 1] = 2, -1
+    elif case == "all_dropped":
+        idx[:] = -1
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    order = order[int((flat < 0).sum()):]
+    counts = torch.bincount(flat[flat >= 0], minlength=E).tolist()
+    return order // K, torch.rand(order.shape[0], generator=gen), counts
+
+
+def run(case: str, activation: str, python_path: bool) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case}/{activation}".encode()))
+    tok, gate, counts = routing(case, gen)
+    h_in = 2 * H if activation == "swiglu" else (C if activation == "linear" else H)
+    w_in = (torch.randn(E, C, h_in, generator=gen) * 0.3).requires_grad_()
+    w_out = None if activation == "linear" else (torch.randn(E, H, C, generator=gen) * 0.3).requires_grad_()
+    x = torch.randn(N, C, generator=gen, requires_grad=True)
+    gate.requires_grad_()
+    grad_y = torch.randn(N, C, generator=gen)
+    if python_path:
+        with native_kernel_off():
+            y = sorted_experts(x, tok, gate, counts, w_in, w_out, activation)
+    else:
+        y = sorted_experts(x, tok, gate, counts, w_in, w_out, activation)
+    assert type(y.grad_fn).__name__.startswith("SortedExperts" if python_path else "NativeSortedExperts")
+    y.backward(grad_y)
+    out = {"y": y.detach(), "x": x.grad, "gate": gate.grad, "w_in": w_in.grad}
+    if w_out is not None:
+        out["w_out"] = w_out.grad
+    return out
+
+
+CASES = ["random", "dropped", "idle_experts", "one_expert", "all_dropped"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_native_matches_the_python_path(case, activation):
+    got, want = run(case, activation, python_path=False), run(case, activation, python_path=True)
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        assert got[key].shape == w.shape, key
+        if not w.numel():
+            continue
+        err = float((got[key] - w).abs().max())
+        assert err <= TOL * max(1.0, float(w.abs().max())), f"{case}/{activation}: {key} differs by {err:.2e}"
+    if case == "idle_experts":
+        assert float(got["w_in"][3:].abs().max()) == 0.0  # idle experts get exact zero gradients
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_results_repeat_bit_for_bit(threads):
+    torch.set_num_threads(threads)
+    first, second = run("dropped", "swiglu", False), run("dropped", "swiglu", False)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_native_serves_fp32_cpu_calls_only():
+    x, w_in, w_out = torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8)
+    assert native.serves(x, w_in, w_out, torch.float32, 1, "gelu")
+    assert not native.serves(x, w_in, w_out, torch.bfloat16, 1, "gelu")  # autocast: the Python path's cast
+    assert not native.serves(x.bfloat16(), w_in, w_out, torch.float32, 1, "gelu")
+    assert not native.serves(x, w_in, w_out, torch.float32, 64, "gelu")  # bucketing is the Python path's
+    assert not native.serves(x, w_in, w_out, torch.float32, 1, "a-new-activation")
+
+
+def test_the_kernel_refuses_mismatched_inputs():
+    with pytest.raises(RuntimeError, match="counts must add up"):
+        torch.ops.moegpt_native.sorted_experts_forward(
+            torch.randn(4, 8), torch.tensor([0, 1]), torch.rand(2), torch.tensor([1, 2]),
+            torch.randn(2, 8, 16), torch.randn(2, 16, 8), native.ACTIVATION_CODES["gelu"])
+
+
+def test_a_failed_build_falls_back_to_the_python_path(monkeypatch, capsys, tmp_path):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Error building extension: c++: not found\nmore lines")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "_cache_dir", lambda digest: tmp_path / digest)
+    monkeypatch.setattr(native, "_state", {})
+    assert native.reason() == "build failed: Error building extension: c++: not found"
+    assert "python path" in capsys.readouterr().err.lower()
+    assert not native.serves(torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8), torch.float32, 1,
+                             "gelu")
+
+
+def test_the_environment_turns_it_off(monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.reason() == f"{native.DISABLE_ENV}=0"
