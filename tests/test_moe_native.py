@@ -26,8 +26,10 @@ TOL = 2e-5
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
-    """Two shares of the assignments: an expert's rows are cut between threads."""
+def two_threads(monkeypatch):
+    """Two shares of the assignments: an expert's rows are cut between threads. The kernel takes every
+    call, however few its assignments (none, in all_dropped)."""
+    monkeypatch.setattr(native, "MIN_ASSIGNMENTS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -36,6 +38,13 @@ def two_threads():
 
 def test_the_kernel_builds_here():
     assert native.available(), native.reason()
+
+
+def test_a_region_runs_on_every_thread():
+    """The kernel is built with OpenMP: without it ATen's parallel_for pragma is ignored and runs serially."""
+    assert torch.ops.moegpt_native.region_threads(2) == 2
+    torch.set_num_threads(1)
+    assert torch.ops.moegpt_native.region_threads(2) == 1
 
 
 def routing(case: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -103,13 +112,15 @@ def test_native_results_repeat_bit_for_bit(threads):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_native_serves_fp32_cpu_calls_only():
+def test_native_serves_fp32_cpu_calls_of_enough_assignments_only(monkeypatch):
     x, w_in, w_out = torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8)
-    assert native.serves(x, w_in, w_out, torch.float32, 1, "gelu")
-    assert not native.serves(x, w_in, w_out, torch.bfloat16, 1, "gelu")  # autocast: the Python path's cast
-    assert not native.serves(x.bfloat16(), w_in, w_out, torch.float32, 1, "gelu")
-    assert not native.serves(x, w_in, w_out, torch.float32, 64, "gelu")  # bucketing is the Python path's
-    assert not native.serves(x, w_in, w_out, torch.float32, 1, "a-new-activation")
+    monkeypatch.setattr(native, "MIN_ASSIGNMENTS", 128)
+    assert native.serves(x, w_in, w_out, torch.float32, 1, "gelu", 128)
+    assert not native.serves(x, w_in, w_out, torch.float32, 1, "gelu", 127)  # a few rows: the Python path
+    assert not native.serves(x, w_in, w_out, torch.bfloat16, 1, "gelu", 128)  # autocast: the Python path's cast
+    assert not native.serves(x.bfloat16(), w_in, w_out, torch.float32, 1, "gelu", 128)
+    assert not native.serves(x, w_in, w_out, torch.float32, 64, "gelu", 128)  # bucketing is the Python path's
+    assert not native.serves(x, w_in, w_out, torch.float32, 1, "a-new-activation", 128)
 
 
 def test_the_kernel_refuses_mismatched_inputs():
@@ -131,10 +142,23 @@ def test_a_failed_build_falls_back_to_the_python_path(monkeypatch, capsys, tmp_p
     assert native.reason() == "build failed: Error building extension: c++: not found"
     assert "python path" in capsys.readouterr().err.lower()
     assert not native.serves(torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8), torch.float32, 1,
-                             "gelu")
+                             "gelu", 1024)
 
 
 def test_the_environment_turns_it_off(monkeypatch):
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     monkeypatch.setattr(native, "_state", {})
     assert native.reason() == f"{native.DISABLE_ENV}=0"
+
+
+def test_native_runs_under_inference_mode_as_the_python_path():
+    """Worker threads take the caller's modes: tensors made under inference mode are written only inside it."""
+    gen = torch.Generator().manual_seed(7)
+    tok, gate, counts = routing("random", gen)
+    with torch.inference_mode():
+        x, w_in, w_out = torch.randn(N, C, generator=gen), torch.randn(E, C, H, generator=gen), \
+            torch.randn(E, H, C, generator=gen)
+        got = sorted_experts(x, tok, gate, counts, w_in, w_out, "gelu")
+        with native_kernel_off():
+            want = sorted_experts(x, tok, gate, counts, w_in, w_out, "gelu")
+    assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))

@@ -25,6 +25,13 @@ CACHE_ENV = "MOEGPT_NATIVE_CACHE"
 # Activation codes the kernel takes (csrc/sorted_experts.cpp, enum Activation).
 ACTIVATION_CODES = {"linear": 0, "gelu": 1, "relu": 2, "swiglu": 3}
 
+# Fewer assignments than this run on the Python path: they make one share, on one thread, where each
+# expert's small products pay the matmul library's own thread hand-off, while the Python path's expert
+# ranges batch all experts into one product (README, dispatch backends).
+MIN_ASSIGNMENTS = 128
+# Part of the cache key with the source: bump it when the build flags change.
+BUILD_FLAGS_VERSION = b"openmp-1"
+
 _state: dict[str, object] = {}
 
 
@@ -41,7 +48,7 @@ def _build() -> str | None:
         from torch.utils.cpp_extension import load
     except ImportError as err:  # pragma: no cover - part of every torch wheel
         return f"torch's extension builder is missing ({err})"
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + BUILD_FLAGS_VERSION).hexdigest()[:12]
     build_dir = _cache_dir(digest)
     name = f"moegpt_native_{digest}"
     try:
@@ -49,8 +56,10 @@ def _build() -> str | None:
         if not (build_dir / f"{name}.so").exists():
             print("moegpt: compiling the native expert kernel (first use on this machine, a few seconds)...",
                   file=sys.stderr, flush=True)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], build_directory=str(build_dir),
-             is_python_module=False, verbose=False)
+        # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
+        # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the Python path serves
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"build failed: {first}"
@@ -94,8 +103,11 @@ class NativeSortedExperts(torch.autograd.Function):
 
 
 def serves(x_NC: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None, compute_dtype: torch.dtype,
-           bucket: int, activation: str) -> bool:
-    """Whether the native kernel takes this call: fp32 on CPU, no bucketing, not under torch.compile."""
+           bucket: int, activation: str, assignments: int) -> bool:
+    """Whether the native kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
+    bucketing, not under torch.compile."""
+    if assignments < MIN_ASSIGNMENTS:
+        return False
     if torch.compiler.is_compiling() or x_NC.device.type != "cpu" or bucket != 1:
         return False
     if activation not in ACTIVATION_CODES:

@@ -15,6 +15,10 @@ work on a block runs while it is still in cache. Outputs and input gradients are
 range by range. Padding rows point at token 0 with gate 0: their outputs, and so all gradients through
 them, are exact zeros.
 
+On CPU in fp32 `sorted_experts` hands the call to the native kernel (native.py: one parallel region per
+direction, each thread on its own share of the assignments) when it is built; everything below is the
+Python path that serves every other call (bf16, bucketing, CUDA, torch.compile, no compiler).
+
 Bucketing (bf16 on CPU): each expert's block is padded up to a multiple of `bucket` rows, so matmul row
 counts come from a small set and oneDNN reuses its compiled primitives. No token is ever dropped.
 
@@ -285,7 +289,7 @@ def sorted_experts(x_NC: Tensor, tok_M: Tensor, gate_M: Tensor, counts_E: list[i
     device_type = x_NC.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_NC.dtype
     with torch.autocast(device_type=device_type, enabled=False):
-        if native.serves(x_NC, w_in, w_out, dtype, bucket, activation):
+        if native.serves(x_NC, w_in, w_out, dtype, bucket, activation, tok_M.shape[0]):
             counts = torch.tensor(counts_E, dtype=torch.long)
             return native.NativeSortedExperts.apply(x_NC.contiguous(), gate_M.contiguous(), w_in.contiguous(),
                                                     None if w_out is None else w_out.contiguous(), tok_M, counts,

@@ -9,8 +9,10 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -144,7 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   auto plan = plan_shares(to_vector(counts), share_count(M));
   Accumulators y(plan.size(), N, C_out, x.options());
   auto gate_M1 = gate.unsqueeze(1);
+  const at::ThreadLocalState caller;  // grad and inference mode, dispatch state: a worker thread has its own
   at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard as_caller(caller);
     for (int64_t p = b; p < e; ++p) {
       for (const auto& s : plan[p]) {
         auto tok_s = tok.narrow(0, s.lo, s.hi - s.lo);
@@ -186,7 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   // an expert cut between two shares gets one partial gradient per share, summed after the region
   std::vector<std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>>> partial(plan.size());
   auto gate_M1 = gate.unsqueeze(1);
+  const at::ThreadLocalState caller;  // grad and inference mode, dispatch state: a worker thread has its own
   at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard as_caller(caller);
     for (int64_t p = b; p < e; ++p) {
       for (const auto& s : plan[p]) {
         const int64_t rows = s.hi - s.lo;
@@ -243,13 +249,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           linear ? at::empty({0}, x.options()) : grad_w_out};
 }
 
+// How many threads one parallel region of `shares` shares runs on: a build without OpenMP runs it on one.
+int64_t region_threads(int64_t shares) {
+  std::vector<std::thread::id> ids(shares);
+  at::parallel_for(0, shares, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) ids[p] = std::this_thread::get_id();
+  });
+  std::sort(ids.begin(), ids.end());
+  return std::unique(ids.begin(), ids.end()) - ids.begin();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moegpt_native, m) {
   m.def("sorted_experts_forward(Tensor x, Tensor tok, Tensor gate, Tensor counts, Tensor w_in, Tensor? w_out, "
         "int act) -> (Tensor, Tensor, Tensor)");
+  m.def("region_threads(int shares) -> int");
   m.def("sorted_experts_backward(Tensor grad_y, Tensor x, Tensor tok, Tensor gate, Tensor counts, Tensor w_in, "
         "Tensor? w_out, Tensor h, Tensor a_kept, int act) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moegpt_native, CompositeExplicitAutograd, m) {
+  m.impl("region_threads", &region_threads);
 }
 
 TORCH_LIBRARY_IMPL(moegpt_native, CPU, m) {
