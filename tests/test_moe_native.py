@@ -162,3 +162,32 @@ def test_native_runs_under_inference_mode_as_the_python_path():
         with native_kernel_off():
             want = sorted_experts(x, tok, gate, counts, w_in, w_out, "gelu")
     assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_decode_adds_the_experts_as_the_python_path(activation, rows):
+    """A generated token's chosen experts onto its residual (dispatch.add_experts_), with a dropped choice and
+    residual rows inside a wider buffer, through the kernel (one op) and through the Python path."""
+    from moegpt.moe.dispatch import add_experts_
+    from moegpt.moe.experts import ExpertBank
+    from moegpt.op_count import count_ops
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"decode/{activation}/{rows}".encode()))
+    bank = ExpertBank(E, C, H, activation)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        x = torch.randn(rows, C, generator=gen)
+        idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(rows)])
+        idx[0, 1] = -1
+        gate = torch.rand(rows, K, generator=gen)
+        start = torch.randn(rows, C + 5, generator=gen)
+        got, want = start.clone(), start.clone()
+        got_rows = got[:, :C]
+        ops = count_ops(lambda: add_experts_(got_rows, x, idx, gate, bank))
+        with native_kernel_off():
+            add_experts_(want[:, :C], x, idx, gate, bank)
+    assert ops == {"moegpt_native.add_experts_.default": 1}
+    assert torch.equal(got[:, C:], start[:, C:])  # only the residual's own columns are written
+    assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))

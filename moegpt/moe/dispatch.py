@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import moegpt.moe.native as native
 from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
 from moegpt.moe.experts import ExpertBank, activate, mlp_add_to_, mlp_apply, mlp_last_product
@@ -49,6 +50,9 @@ def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weigh
     the few-assignment path every expert's product accumulates straight onto it, with no separate sum."""
     if not _few_assignment_path(backend, expert_idx_NK):
         return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
+    if native.serves_decode(residual_NC, x_NC, weight_NK, bank.w_in, bank.w_out, bank.activation):
+        return torch.ops.moegpt_native.add_experts_(residual_NC, x_NC, expert_idx_NK, weight_NK, bank.w_in,
+                                                    bank.w_out, native.ACTIVATION_CODES[bank.activation])
     expert = _decode_expert_weights(bank)
     single = x_NC.shape[0] == 1
     for n, (experts, gates) in enumerate(zip(expert_idx_NK.tolist(), weight_NK.tolist(), strict=True)):

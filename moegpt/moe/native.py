@@ -1,25 +1,30 @@
-"""The native CPU kernel of the sorted dispatch (csrc/sorted_experts.cpp), built on first use.
+"""The native CPU kernels of the experts (csrc/), built on first use.
 
-The kernel runs a whole layer's expert blocks in one parallel region: every intra-op thread takes a
-contiguous share of the expert-sorted assignments and runs its experts with single-threaded kernels, and
-no Python runs between the ops. It is compiled with the machine's C++ compiler through torch's extension
-builder (ninja) into a cache directory keyed by the source's hash, so that a changed source never loads a
-stale library; the first build takes several seconds and says so on stderr.
+csrc/sorted_experts.cpp runs a whole layer's expert blocks in one parallel region per direction (the sorted
+dispatch, training and full forwards): every intra-op thread takes a contiguous share of the expert-sorted
+assignments and runs its experts with single-threaded kernels, and no Python runs between the ops.
+csrc/decode_experts.cpp adds a generated token's chosen experts onto its residual in one call (decode).
+They are compiled with the machine's C++ compiler through torch's extension builder (ninja) into one
+library in a cache directory keyed by the sources' hash, so that a changed source never loads a stale
+library; the first build takes several seconds and says so on stderr.
 
 Nothing depends on it: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
-environment, the sorted dispatch runs its Python path (same results to float rounding), and `reason()`
-says why. Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward.
+environment, the dispatch runs its Python paths (same results to float rounding), and `reason()` says why.
+Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_
+(and region_threads, for a test).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import sys
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "sorted_experts.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "sorted_experts.cpp", CSRC / "decode_experts.cpp")
 DISABLE_ENV = "MOEGPT_NATIVE"
 CACHE_ENV = "MOEGPT_NATIVE_CACHE"
 # Activation codes the kernel takes (csrc/sorted_experts.cpp, enum Activation).
@@ -30,7 +35,7 @@ ACTIVATION_CODES = {"linear": 0, "gelu": 1, "relu": 2, "swiglu": 3}
 # ranges batch all experts into one product (README, dispatch backends).
 MIN_ASSIGNMENTS = 128
 # Part of the cache key with the source: bump it when the build flags change.
-BUILD_FLAGS_VERSION = b"openmp-1"
+BUILD_FLAGS_VERSION = b"openmp-march-native-1"
 
 _state: dict[str, object] = {}
 
@@ -38,6 +43,22 @@ _state: dict[str, object] = {}
 def _cache_dir(digest: str) -> Path:
     root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moegpt"
     return Path(root) / "native" / f"torch-{torch.__version__}-{digest}"
+
+
+def _cpu_identity() -> bytes:
+    """What -march=native compiles for: a cache shared between machines (a network home) must not hand one
+    CPU's library to another that lacks its instructions."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))})).encode()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}".encode()
+
+
+def _digest() -> str:
+    """The library's cache key: its sources, build flags and CPU."""
+    key = b"".join(f.read_bytes() for f in sorted(CSRC.iterdir())) + BUILD_FLAGS_VERSION + _cpu_identity()
+    return hashlib.sha256(key).hexdigest()[:12]
 
 
 def _build() -> str | None:
@@ -48,7 +69,7 @@ def _build() -> str | None:
         from torch.utils.cpp_extension import load
     except ImportError as err:  # pragma: no cover - part of every torch wheel
         return f"torch's extension builder is missing ({err})"
-    digest = hashlib.sha256(SOURCE.read_bytes() + BUILD_FLAGS_VERSION).hexdigest()[:12]
+    digest = _digest()
     build_dir = _cache_dir(digest)
     name = f"moegpt_native_{digest}"
     try:
@@ -57,9 +78,10 @@ def _build() -> str | None:
             print("moegpt: compiling the native expert kernel (first use on this machine, a few seconds)...",
                   file=sys.stderr, flush=True)
         # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
-        # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-             build_directory=str(build_dir), is_python_module=False, verbose=False)
+        # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool).
+        # -march=native: the decode kernel's plain loops vectorise for this CPU (the cache key holds it)
+        load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=["-O3", "-fopenmp", "-march=native"],
+             extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the Python path serves
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"build failed: {first}"
@@ -71,8 +93,8 @@ def reason() -> str | None:
     if "reason" not in _state:
         _state["reason"] = why = _build()
         if why is not None and not why.startswith(DISABLE_ENV):
-            print(f"moegpt: the native expert kernel is unavailable ({why}); the sorted dispatch runs its Python "
-                  "path", file=sys.stderr, flush=True)
+            print(f"moegpt: the native expert kernel is unavailable ({why}); the experts run on their Python paths",
+                  file=sys.stderr, flush=True)
     return _state["reason"]  # type: ignore[return-value]
 
 
@@ -104,14 +126,23 @@ class NativeSortedExperts(torch.autograd.Function):
 
 def serves(x_NC: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None, compute_dtype: torch.dtype,
            bucket: int, activation: str, assignments: int) -> bool:
-    """Whether the native kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
+    """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
     bucketing, not under torch.compile."""
-    if assignments < MIN_ASSIGNMENTS:
+    if assignments < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32:
         return False
-    if torch.compiler.is_compiling() or x_NC.device.type != "cpu" or bucket != 1:
+    return _takes(activation, x_NC, w_in, w_out)
+
+
+def serves_decode(residual_NC: torch.Tensor, x_NC: torch.Tensor, gate_NK: torch.Tensor, w_in: torch.Tensor,
+                  w_out: torch.Tensor | None, activation: str) -> bool:
+    """Whether the decode kernel takes this call: fp32 on CPU, not under torch.compile."""
+    return _takes(activation, residual_NC, x_NC, gate_NK, w_in, w_out)
+
+
+def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:
+    """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library."""
+    if torch.compiler.is_compiling() or activation not in ACTIVATION_CODES:
         return False
-    if activation not in ACTIVATION_CODES:
+    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in tensors):
         return False
-    if any(t is not None and t.dtype != torch.float32 for t in (x_NC, w_in, w_out)):
-        return False
-    return compute_dtype == torch.float32 and available()
+    return available()

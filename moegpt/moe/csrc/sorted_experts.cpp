@@ -6,6 +6,8 @@
 //
 // Legend: N tokens, C width, E experts, M assignments (sorted by expert), H expert hidden width,
 // Hin the first projection's width (2H for SwiGLU, H otherwise, C for linear).
+#include "activation.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +19,6 @@
 
 namespace {
 
-enum Activation : int64_t { kLinear = 0, kGelu = 1, kRelu = 2, kSwiglu = 3 };
 
 // The rows [lo, hi) of one expert inside one thread's share.
 struct Segment {
