@@ -12,6 +12,7 @@ from moegpt.checkpoint import load_checkpoint, resolve_checkpoint
 from moegpt.config import RunConfig
 from moegpt.errors import MoegptError
 from moegpt.model import GPT
+from moegpt.moe import native
 from moegpt.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -60,4 +61,5 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         raise MoegptError(f"{checkpoint}: cannot load the run's model: {first}") from None
     state.pop("optimizer", None)
     state["config"] = config.to_dict()
+    native.prepare(device)  # before sampling's clock starts
     return LoadedRun(model=model.to(device).eval(), config=config, checkpoint=checkpoint, state=state)

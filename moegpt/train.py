@@ -31,7 +31,7 @@ from moegpt.data import TokenDataset, ensure_prepared
 from moegpt.errors import MoegptError, TrainingDiverged, TrainingInterrupted
 from moegpt.metrics import log_record
 from moegpt.model import GPT, aux_losses
-from moegpt.moe import layer_facts
+from moegpt.moe import layer_facts, native
 from moegpt.optim import build_optimizer, lr_at
 from moegpt.parallel import ExpertParallel, check_expert_parallel_run
 from moegpt.resume import config_differences, keep_decay_horizon
@@ -164,6 +164,7 @@ class Trainer:
         cfg.train.name = run_dir.name
         torch.manual_seed(t.seed)
         model = GPT(cfg.model, cfg.moe).to(self.device)
+        native.prepare(self.device)
         if t.expert_parallel > 1:
             self.ep = ExpertParallel(model, t.expert_parallel, self.dist.world_size, self.dist.rank)
         return _Run(ds=ds, run_dir=run_dir, manager=CheckpointManager(run_dir, keep=t.keep_ckpts),

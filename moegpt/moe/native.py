@@ -102,6 +102,13 @@ def available() -> bool:
     return reason() is None
 
 
+def prepare(device: torch.device | str) -> None:
+    """Build (or load) the kernels now when they would serve this device: before a run's clock starts, not
+    inside its first step."""
+    if torch.device(device).type == "cpu":
+        reason()
+
+
 class NativeSortedExperts(torch.autograd.Function):
     """SortedExperts' contract (y_NC = sum over assignments m of gate_M[m] * expert_{e(m)}(x_NC[tok_M[m]]),
     tok_M sorted by expert) through the native kernel: fp32 on CPU, one parallel region per direction."""
