@@ -23,8 +23,10 @@ from moegpt.moe.experts import ExpertBank
 
 N, K, C, H, E = 16, 2, 16, 8, 4  # widths are multiples of 8 so `grouped` can run
 TOL = 1e-5
-# `sorted` with the native kernel turned off: its Python path (the kernel serves plain `sorted` on CPU)
+# `sorted` with the native kernel turned off: its Python path (the kernel serves plain `sorted` on CPU from
+# native.MIN_ASSIGNMENTS assignments; these tests' few go to the Python path unless the kernel is forced)
 PYTHON_SORTED = "sorted (python path)"
+NATIVE_SORTED = "sorted (native kernel)"
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,7 +37,8 @@ def has_grouped_mm() -> bool:
 
 
 def backends() -> list:
-    out = [pytest.param(PYTHON_SORTED)]
+    no_kernel = [pytest.mark.skip(reason=f"native kernel: {native.reason()}")] if not native.available() else []
+    out = [pytest.param(PYTHON_SORTED), pytest.param(NATIVE_SORTED, marks=no_kernel)]
     for name in DISPATCH_BACKENDS:
         if name == "loop":
             continue
@@ -43,6 +46,14 @@ def backends() -> list:
             [pytest.mark.skip(reason="torch._grouped_mm is missing in this torch")]
         out.append(pytest.param(name, marks=marks))
     return out
+
+
+@contextlib.contextmanager
+def native_kernel_on_every_call():
+    """The sorted dispatch's native kernel however few the assignments."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "MIN_ASSIGNMENTS", 0)
+        yield
 
 
 @contextlib.contextmanager
@@ -113,6 +124,10 @@ def run_with_grads(backend: str, activation: str, case: str) -> dict[str, torch.
     elif backend == PYTHON_SORTED:
         with native_kernel_off():  # the path is chosen at forward: backward follows it
             y = run_experts(x, idx, w, bank, "sorted")
+    elif backend == NATIVE_SORTED:
+        with native_kernel_on_every_call():
+            y = run_experts(x, idx, w, bank, "sorted")
+        assert type(y.grad_fn).__name__ == "NativeSortedExpertsBackward"
     else:
         y = run_experts(x, idx, w, bank, backend)
     if y.requires_grad:  # the reference with every choice dropped is a constant zero

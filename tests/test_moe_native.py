@@ -90,9 +90,11 @@ def run(case: str, activation: str, python_path: bool) -> dict[str, torch.Tensor
 CASES = ["random", "dropped", "idle_experts", "one_expert", "all_dropped"]
 
 
+@pytest.mark.parametrize("threads", [2, 5])  # five: an expert spread over three or more shares
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES)
-def test_native_matches_the_python_path(case, activation):
+def test_native_matches_the_python_path(case, activation, threads):
+    torch.set_num_threads(threads)
     got, want = run(case, activation, python_path=False), run(case, activation, python_path=True)
     assert got.keys() == want.keys()
     for key, w in want.items():
@@ -113,14 +115,18 @@ def test_native_results_repeat_bit_for_bit(threads):
 
 
 def test_native_serves_fp32_cpu_calls_of_enough_assignments_only(monkeypatch):
-    x, w_in, w_out = torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8)
+    x, w_in, w_out, gate = torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8), torch.rand(128)
     monkeypatch.setattr(native, "MIN_ASSIGNMENTS", 128)
-    assert native.serves(x, w_in, w_out, torch.float32, 1, "gelu", 128)
-    assert not native.serves(x, w_in, w_out, torch.float32, 1, "gelu", 127)  # a few rows: the Python path
-    assert not native.serves(x, w_in, w_out, torch.bfloat16, 1, "gelu", 128)  # autocast: the Python path's cast
-    assert not native.serves(x.bfloat16(), w_in, w_out, torch.float32, 1, "gelu", 128)
-    assert not native.serves(x, w_in, w_out, torch.float32, 64, "gelu", 128)  # bucketing is the Python path's
-    assert not native.serves(x, w_in, w_out, torch.float32, 1, "a-new-activation", 128)
+    assert native.serves(x, gate, w_in, w_out, torch.float32, 1, "gelu")
+    assert not native.serves(x, gate[1:], w_in, w_out, torch.float32, 1, "gelu")  # a few rows: the Python path
+    assert not native.serves(x, gate.double(), w_in, w_out, torch.float32, 1, "gelu")
+    assert not native.serves(x, gate, w_in, w_out, torch.bfloat16, 1, "gelu")  # autocast: the Python path's cast
+    assert not native.serves(x.bfloat16(), gate, w_in, w_out, torch.float32, 1, "gelu")
+    assert not native.serves(x, gate, w_in, w_out, torch.float32, 64, "gelu")  # bucketing is the Python path's
+    assert not native.serves(x, gate, w_in, w_out, torch.float32, 1, "a-new-activation")
+    gate_NK = torch.rand(4, 2)
+    assert native.serves_decode(x, x, gate_NK, w_in, w_out, "gelu")
+    assert not native.serves_decode(x, x, gate_NK, w_in.transpose(1, 2).contiguous().transpose(1, 2), w_out, "gelu")
 
 
 def test_the_kernel_refuses_mismatched_inputs():
@@ -141,8 +147,8 @@ def test_a_failed_build_falls_back_to_the_python_path(monkeypatch, capsys, tmp_p
     monkeypatch.setattr(native, "_state", {})
     assert native.reason() == "build failed: Error building extension: c++: not found"
     assert "python path" in capsys.readouterr().err.lower()
-    assert not native.serves(torch.randn(4, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8), torch.float32, 1,
-                             "gelu", 1024)
+    assert not native.serves(torch.randn(4, 8), torch.rand(1024), torch.randn(2, 8, 16), torch.randn(2, 16, 8),
+                             torch.float32, 1, "gelu")
 
 
 def test_the_environment_turns_it_off(monkeypatch):
@@ -191,3 +197,40 @@ def test_native_decode_adds_the_experts_as_the_python_path(activation, rows):
     assert ops == {"moegpt_native.add_experts_.default": 1}
     assert torch.equal(got[:, C:], start[:, C:])  # only the residual's own columns are written
     assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+
+
+def test_missing_sources_fall_back_with_their_reason(monkeypatch):
+    monkeypatch.setattr(native, "SOURCES", (native.CSRC / "no_such_file.cpp",))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.reason().startswith("build failed: ") and "no_such_file.cpp" in native.reason()
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    """torch waits forever on its lock file; one left behind by a killed build goes once ours is held."""
+    (tmp_path / "lock").write_text("")
+    with native._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
+def test_the_kernels_share_torchs_thread_pool():
+    assert native._thread_pool_problem() is None
+
+
+def test_native_decode_refuses_a_bad_expert_before_writing_and_counts_its_write():
+    from moegpt.moe.dispatch import add_experts_
+    from moegpt.moe.experts import ExpertBank
+
+    bank = ExpertBank(E, C, H, "gelu")
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_()
+    residual, x = torch.randn(2, C), torch.randn(2, C)
+    before = residual.clone()
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moegpt_native.add_experts_(residual, x, torch.tensor([[0, 1], [2, E]]), torch.rand(2, 2),
+                                             bank.w_in, bank.w_out, native.ACTIVATION_CODES["gelu"])
+    assert torch.equal(residual, before)
+    version = residual._version
+    with torch.no_grad():
+        add_experts_(residual, x, torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2), bank)
+    assert residual._version > version  # autograd sees the in-place write

@@ -51,8 +51,10 @@ def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weigh
     if not _few_assignment_path(backend, expert_idx_NK):
         return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
     if native.serves_decode(residual_NC, x_NC, weight_NK, bank.w_in, bank.w_out, bank.activation):
-        return torch.ops.moegpt_native.add_experts_(residual_NC, x_NC, expert_idx_NK, weight_NK, bank.w_in,
-                                                    bank.w_out, native.ACTIVATION_CODES[bank.activation])
+        torch.ops.moegpt_native.add_experts_(residual_NC, x_NC, expert_idx_NK, weight_NK, bank.w_in, bank.w_out,
+                                             native.ACTIVATION_CODES[bank.activation])
+        torch.autograd.graph.increment_version(residual_NC)  # a custom op's in-place write does not count itself
+        return residual_NC
     expert = _decode_expert_weights(bank)
     single = x_NC.shape[0] == 1
     for n, (experts, gates) in enumerate(zip(expert_idx_NK.tolist(), weight_NK.tolist(), strict=True)):

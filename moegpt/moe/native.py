@@ -15,16 +15,21 @@ Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from moegpt.runtime import on_one_thread
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "sorted_experts.cpp", CSRC / "decode_experts.cpp")
+HEADERS = (CSRC / "activation.h",)
 DISABLE_ENV = "MOEGPT_NATIVE"
 CACHE_ENV = "MOEGPT_NATIVE_CACHE"
 # Activation codes the kernel takes (csrc/sorted_experts.cpp, enum Activation).
@@ -47,45 +52,76 @@ def _cache_dir(digest: str) -> Path:
 
 def _cpu_identity() -> bytes:
     """What -march=native compiles for: a cache shared between machines (a network home) must not hand one
-    CPU's library to another that lacks its instructions."""
+    CPU's library to another that lacks its instructions. x86 names its model and flags, ARM its parts and
+    features."""
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))})).encode()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(keys)})).encode()
     except OSError:
         return f"{platform.machine()} {platform.processor()}".encode()
 
 
 def _digest() -> str:
     """The library's cache key: its sources, build flags and CPU."""
-    key = b"".join(f.read_bytes() for f in sorted(CSRC.iterdir())) + BUILD_FLAGS_VERSION + _cpu_identity()
+    key = b"".join(f.read_bytes() for f in SOURCES + HEADERS) + BUILD_FLAGS_VERSION + _cpu_identity()
     return hashlib.sha256(key).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """One build at a time across processes (a torchrun's ranks), under a lock the OS drops when its holder
+    dies. torch's own lock file outlives a killed build and torch then waits for it forever: holding ours,
+    any such file is stale and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(build_dir / "moegpt.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load(name: str, build_dir: Path) -> None:
+    from torch.utils.cpp_extension import load
+
+    if not (build_dir / f"{name}.so").exists():
+        print("moegpt: compiling the native expert kernel (first use on this machine, a few seconds)...",
+              file=sys.stderr, flush=True)
+    # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
+    # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool).
+    # -march=native: the decode kernel's plain loops vectorise for this CPU (the cache key holds it)
+    load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=["-O3", "-fopenmp", "-march=native"],
+         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+
+def _thread_pool_problem() -> str | None:
+    """The kernels' OpenMP must be torch's own, the one pool torch.set_num_threads governs (a torch built
+    with another OpenMP runtime would give the library a second pool)."""
+    if on_one_thread(torch.ops.moegpt_native.region_threads, 2) != 1:
+        return "its OpenMP runtime is not torch's (torch.set_num_threads does not govern it)"
+    return None
+
+
 def _build() -> str | None:
-    """Load (building if needed) the kernel; None when loaded, else why not."""
+    """Load (building if needed) the kernels; None when loaded, else why not."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return f"{DISABLE_ENV}=0"
     try:
-        from torch.utils.cpp_extension import load
-    except ImportError as err:  # pragma: no cover - part of every torch wheel
-        return f"torch's extension builder is missing ({err})"
-    digest = _digest()
-    build_dir = _cache_dir(digest)
-    name = f"moegpt_native_{digest}"
-    try:
+        digest = _digest()
+        build_dir = _cache_dir(digest)
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
-            print("moegpt: compiling the native expert kernel (first use on this machine, a few seconds)...",
-                  file=sys.stderr, flush=True)
-        # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
-        # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool).
-        # -march=native: the decode kernel's plain loops vectorise for this CPU (the cache key holds it)
-        load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=["-O3", "-fopenmp", "-march=native"],
-             extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
-    except Exception as err:  # no compiler, no ninja, a failed build: the Python path serves
+        with _build_lock(build_dir):
+            _load(f"moegpt_native_{digest}", build_dir)
+    except Exception as err:  # no compiler, no ninja, no sources, a read-only cache: the Python path serves
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"build failed: {first}"
-    return None
+    return _thread_pool_problem()
 
 
 def reason() -> str | None:
@@ -131,18 +167,21 @@ class NativeSortedExperts(torch.autograd.Function):
         return grad_x, grad_gate, grad_w_in, None if w_out is None else grad_w_out, None, None, None
 
 
-def serves(x_NC: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None, compute_dtype: torch.dtype,
-           bucket: int, activation: str, assignments: int) -> bool:
+def serves(x_NC: torch.Tensor, gate_M: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None,
+           compute_dtype: torch.dtype, bucket: int, activation: str) -> bool:
     """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
     bucketing, not under torch.compile."""
-    if assignments < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32:
+    if gate_M.shape[0] < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32:
         return False
-    return _takes(activation, x_NC, w_in, w_out)
+    return _takes(activation, x_NC, gate_M, w_in, w_out)
 
 
 def serves_decode(residual_NC: torch.Tensor, x_NC: torch.Tensor, gate_NK: torch.Tensor, w_in: torch.Tensor,
                   w_out: torch.Tensor | None, activation: str) -> bool:
-    """Whether the decode kernel takes this call: fp32 on CPU, not under torch.compile."""
+    """Whether the decode kernel takes this call: fp32 on CPU, contiguous expert banks, not under
+    torch.compile."""
+    if not (w_in.is_contiguous() and (w_out is None or w_out.is_contiguous())):
+        return False
     return _takes(activation, residual_NC, x_NC, gate_NK, w_in, w_out)
 
 

@@ -63,6 +63,8 @@ at::Tensor add_experts_(at::Tensor residual, const at::Tensor& x, const at::Tens
   const float* gate_p = gate_c.data_ptr<float>();
   const float* w_in_p = w_in.data_ptr<float>();
   const float* w_out_p = w_out ? w_out->data_ptr<float>() : nullptr;
+  for (int64_t i = 0; i < N * K; ++i)  // before any write: a refused call leaves the residual as it was
+    TORCH_CHECK(idx_p[i] < E, "expert index ", idx_p[i], " out of range for ", E, " experts");
   std::vector<float> h(Hin), scaled(std::max(C, H));
   for (int64_t n = 0; n < N; ++n) {
     const float* x_n = x.data_ptr<float>() + n * x.stride(0);
@@ -70,7 +72,6 @@ at::Tensor add_experts_(at::Tensor residual, const at::Tensor& x, const at::Tens
     for (int64_t j = 0; j < K; ++j) {
       const int64_t e = idx_p[n * K + j];
       if (e < 0) continue;
-      TORCH_CHECK(e < E, "expert index ", e, " out of range");
       const float g = gate_p[n * K + j];
       const float* w_e = w_in_p + e * C * Hin;
       if (!w_out_p) {  // linear: the expert is its one product

@@ -1,8 +1,9 @@
 // Sorted-expert MLP forward and backward with the experts spread over the intra-op threads: every thread
 // takes a contiguous share of the expert-sorted assignment rows and runs its experts' blocks on its own
 // (gather, matmul, activation, matmul, gate) with single-threaded kernels, so that one parallel region
-// replaces the handful of thread hand-offs each op of each block would cost. Rows are then summed per
-// token by a second region (fixed order: deterministic, no atomics).
+// replaces the handful of thread hand-offs each op of each block would cost. Each share adds its rows into
+// its own [N, C] accumulator; the accumulators are then summed in share order (deterministic for a given
+// thread count, no atomics).
 //
 // Legend: N tokens, C width, E experts, M assignments (sorted by expert), H expert hidden width,
 // Hin the first projection's width (2H for SwiGLU, H otherwise, C for linear).
@@ -19,6 +20,9 @@
 
 namespace {
 
+// At most this many shares (and so [N, C] accumulators) per call, however many threads: their memory stays
+// within twice a dense FFN's hidden activations.
+constexpr int64_t kMaxShares = 8;
 
 // The rows [lo, hi) of one expert inside one thread's share.
 struct Segment {
@@ -45,7 +49,19 @@ std::vector<std::vector<Segment>> plan_shares(const std::vector<int64_t>& counts
 
 int64_t share_count(int64_t M) {
   // a share below a few dozen rows costs more in hand-off than it saves
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 32));
+  return std::max<int64_t>(1, std::min<int64_t>({(int64_t)at::get_num_threads(), M / 32, kMaxShares}));
+}
+
+// fn(share, segment) for every segment of every share, one share per thread. A worker thread has its own
+// thread-local state (grad and inference mode, dispatch keys): each takes the caller's.
+template <typename Fn>
+void for_each_segment(const std::vector<std::vector<Segment>>& plan, const Fn& fn) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard as_caller(caller);
+    for (int64_t p = b; p < e; ++p)
+      for (const auto& s : plan[p]) fn(p, s);
+  });
 }
 
 // Every share adds its rows into its own [N, C] accumulator while they are still in cache (shares would race on a
@@ -122,7 +138,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& 
   if (w_out) {
     const int64_t H = act == kSwiglu ? w_in.size(2) / 2 : w_in.size(2);
     TORCH_CHECK(w_out->dim() == 3 && w_out->size(0) == w_in.size(0) && w_out->size(1) == H &&
-                w_out->scalar_type() == at::kFloat, "w_out: [E, H, C]");
+                w_out->size(2) == x.size(1) && w_out->scalar_type() == at::kFloat, "w_out: [E, H, C]");
+  } else {
+    TORCH_CHECK(w_in.size(2) == x.size(1), "linear experts: w_in [E, C, C]");
   }
 }
 
@@ -130,6 +148,9 @@ std::vector<int64_t> to_vector(const at::Tensor& counts) {
   auto c = counts.contiguous();
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
+
+// (expert, dL/dw_in, dL/dw_out) of the rows of an expert that one share holds.
+using Partial = std::tuple<int64_t, at::Tensor, at::Tensor>;
 
 // Returns (y [N, C_out], h [M, Hin], and a [M, H] for GELU, whose erf costs more to recompute than to keep,
 // else empty).
@@ -147,30 +168,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   auto plan = plan_shares(to_vector(counts), share_count(M));
   Accumulators y(plan.size(), N, C_out, x.options());
   auto gate_M1 = gate.unsqueeze(1);
-  const at::ThreadLocalState caller;  // grad and inference mode, dispatch state: a worker thread has its own
-  at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
-    at::ThreadLocalStateGuard as_caller(caller);
-    for (int64_t p = b; p < e; ++p) {
-      for (const auto& s : plan[p]) {
-        auto tok_s = tok.narrow(0, s.lo, s.hi - s.lo);
-        auto h_s = h.narrow(0, s.lo, s.hi - s.lo);
-        at::mm_out(h_s, x.index_select(0, tok_s), w_in[s.expert]);
-        if (linear) {
-          y.add(p, tok_s, h_s * gate_M1.narrow(0, s.lo, s.hi - s.lo));
-          continue;
-        }
-        at::Tensor a;
-        if (a_kept.defined()) {
-          a = a_kept.narrow(0, s.lo, s.hi - s.lo);
-          at::gelu_out(a, h_s);  // only GELU keeps its activation
-        } else {
-          a = activate(h_s, act, nullptr);
-        }
-        y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]).mul_(gate_M1.narrow(0, s.lo, s.hi - s.lo)));
-      }
+  for_each_segment(plan, [&](int64_t p, const Segment& s) {
+    auto tok_s = tok.narrow(0, s.lo, s.hi - s.lo);
+    auto h_s = h.narrow(0, s.lo, s.hi - s.lo);
+    at::mm_out(h_s, x.index_select(0, tok_s), w_in[s.expert]);
+    if (linear) {
+      y.add(p, tok_s, h_s * gate_M1.narrow(0, s.lo, s.hi - s.lo));
+      return;
     }
+    at::Tensor a;
+    if (a_kept.defined()) {
+      a = a_kept.narrow(0, s.lo, s.hi - s.lo);
+      at::gelu_out(a, h_s);  // only GELU keeps its activation
+    } else {
+      a = activate(h_s, act, nullptr);
+    }
+    y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]).mul_(gate_M1.narrow(0, s.lo, s.hi - s.lo)));
   });
   return {y.sum(), h, a_kept.defined() ? a_kept : at::empty({0}, x.options())};
+}
+
+// An expert cut between shares: the sum of its per-share partial gradients; an idle expert: zeros (whole
+// experts were written in the region).
+void finish_weight_grads(const std::vector<std::vector<Segment>>& plan,
+                         const std::vector<std::vector<Partial>>& partial, at::Tensor& grad_w_in,
+                         at::Tensor& grad_w_out) {
+  std::vector<bool> written(grad_w_in.size(0), false);
+  for (const auto& share : plan)
+    for (const auto& s : share) if (s.whole) written[s.expert] = true;
+  for (int64_t e = 0; e < grad_w_in.size(0); ++e) {
+    if (written[e]) continue;
+    grad_w_in[e].zero_();
+    if (grad_w_out.defined()) grad_w_out[e].zero_();
+  }
+  for (const auto& share : partial)
+    for (const auto& [e, dw_in, dw_out] : share) {
+      grad_w_in[e].add_(dw_in);
+      if (grad_w_out.defined()) grad_w_out[e].add_(dw_out);
+    }
 }
 
 // Returns (grad_x [N, C], grad_gate [M], grad_w_in [E, C, Hin], grad_w_out [E, H, C] or empty).
@@ -180,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& a_kept, int64_t act) {
   check_inputs(x, tok, gate, counts, w_in, w_out, act);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(), "grad_y: contiguous [N, C]");
-  const int64_t M = tok.size(0), N = x.size(0), E = w_in.size(0), C = x.size(1);
+  const int64_t M = tok.size(0), N = x.size(0), C = x.size(1);
   const bool linear = act == kLinear;
   auto counts_E = to_vector(counts);
   auto plan = plan_shares(counts_E, share_count(M));
@@ -189,63 +224,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto grad_w_in = at::empty_like(w_in);
   auto grad_w_out = linear ? at::Tensor() : at::empty_like(*w_out);
   // an expert cut between two shares gets one partial gradient per share, summed after the region
-  std::vector<std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>>> partial(plan.size());
+  std::vector<std::vector<Partial>> partial(plan.size());
   auto gate_M1 = gate.unsqueeze(1);
-  const at::ThreadLocalState caller;  // grad and inference mode, dispatch state: a worker thread has its own
-  at::parallel_for(0, (int64_t)plan.size(), 1, [&](int64_t b, int64_t e) {
-    at::ThreadLocalStateGuard as_caller(caller);
-    for (int64_t p = b; p < e; ++p) {
-      for (const auto& s : plan[p]) {
-        const int64_t rows = s.hi - s.lo;
-        auto tok_s = tok.narrow(0, s.lo, rows);
-        auto gate_s = gate_M1.narrow(0, s.lo, rows);
-        auto h_s = h.narrow(0, s.lo, rows);
-        auto grad_gate_s = grad_gate.narrow(0, s.lo, rows);
-        auto g = grad_y.index_select(0, tok_s);  // dL/d(weighted expert output)
-        at::Tensor grad_h, dw_out;
-        if (linear) {
-          at::sum_out(grad_gate_s, h_s * g, {1});
-          grad_h = g * gate_s;
-        } else {
-          auto w_out_t = (*w_out)[s.expert].t();
-          auto grad_a = at::mm(g, w_out_t);
-          at::Tensor silu_gate;
-          auto a = a_kept.numel() ? a_kept.narrow(0, s.lo, rows) : activate(h_s, act, &silu_gate);
-          at::sum_out(grad_gate_s, a * grad_a, {1});
-          auto weighted = g * gate_s;
-          if (s.whole) {
-            auto slot = grad_w_out[s.expert];
-            at::mm_out(slot, a.t(), weighted);
-          } else {
-            dw_out = at::mm(a.t(), weighted);
-          }
-          grad_h = activation_backward(grad_a.mul_(gate_s), h_s, act, silu_gate);
-        }
-        auto x_s = x.index_select(0, tok_s);
-        if (s.whole) {
-          auto slot = grad_w_in[s.expert];
-          at::mm_out(slot, x_s.t(), grad_h);
-        } else {
-          partial[p].emplace_back(s.expert, at::mm(x_s.t(), grad_h), dw_out);
-        }
-        grad_x.add(p, tok_s, at::mm(grad_h, w_in[s.expert].t()));
+  for_each_segment(plan, [&](int64_t p, const Segment& s) {
+    const int64_t rows = s.hi - s.lo;
+    auto tok_s = tok.narrow(0, s.lo, rows);
+    auto gate_s = gate_M1.narrow(0, s.lo, rows);
+    auto h_s = h.narrow(0, s.lo, rows);
+    auto grad_gate_s = grad_gate.narrow(0, s.lo, rows);
+    auto g = grad_y.index_select(0, tok_s);  // dL/d(weighted expert output)
+    at::Tensor grad_h, dw_out;
+    if (linear) {
+      at::sum_out(grad_gate_s, h_s * g, {1});
+      grad_h = g * gate_s;
+    } else {
+      auto w_out_t = (*w_out)[s.expert].t();
+      auto grad_a = at::mm(g, w_out_t);
+      at::Tensor silu_gate;
+      auto a = a_kept.numel() ? a_kept.narrow(0, s.lo, rows) : activate(h_s, act, &silu_gate);
+      at::sum_out(grad_gate_s, a * grad_a, {1});
+      auto weighted = g * gate_s;
+      if (s.whole) {
+        auto slot = grad_w_out[s.expert];
+        at::mm_out(slot, a.t(), weighted);
+      } else {
+        dw_out = at::mm(a.t(), weighted);
       }
+      grad_h = activation_backward(grad_a.mul_(gate_s), h_s, act, silu_gate);
     }
+    auto x_s = x.index_select(0, tok_s);
+    if (s.whole) {
+      auto slot = grad_w_in[s.expert];
+      at::mm_out(slot, x_s.t(), grad_h);
+    } else {
+      partial[p].emplace_back(s.expert, at::mm(x_s.t(), grad_h), dw_out);
+    }
+    grad_x.add(p, tok_s, at::mm(grad_h, w_in[s.expert].t()));
   });
-  std::vector<bool> written(E, false);
-  for (int64_t e = 0; e < E; ++e) written[e] = false;
-  for (const auto& share : plan)
-    for (const auto& s : share) if (s.whole) written[s.expert] = true;
-  for (int64_t e = 0; e < E; ++e) {
-    if (written[e]) continue;
-    grad_w_in[e].zero_();
-    if (!linear) grad_w_out[e].zero_();
-  }
-  for (const auto& share : partial)
-    for (const auto& [e, dw_in, dw_out] : share) {
-      grad_w_in[e].add_(dw_in);
-      if (!linear) grad_w_out[e].add_(dw_out);
-    }
+  finish_weight_grads(plan, partial, grad_w_in, grad_w_out);
   return {grad_x.sum(), grad_gate, grad_w_in,
           linear ? at::empty({0}, x.options()) : grad_w_out};
 }
