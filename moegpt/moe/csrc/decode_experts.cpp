@@ -39,8 +39,9 @@ float activate_one(float v, int64_t act) {
   }
 }
 
-at::Tensor add_experts_(at::Tensor residual, const at::Tensor& x, const at::Tensor& idx, const at::Tensor& gate,
-                        const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, int64_t act) {
+void check_decode_inputs(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& idx,
+                         const at::Tensor& gate, const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out,
+                         int64_t act) {
   TORCH_CHECK(act >= kLinear && act <= kSwiglu, "unknown activation code ", act);
   TORCH_CHECK(x.dim() == 2 && residual.dim() == 2 && x.size(0) == residual.size(0), "x, residual: [N, C]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && residual.scalar_type() == at::kFloat, "x, residual: float32");
@@ -50,13 +51,19 @@ at::Tensor add_experts_(at::Tensor residual, const at::Tensor& x, const at::Tens
   TORCH_CHECK(w_in.dim() == 3 && w_in.size(1) == x.size(1) && w_in.is_contiguous() &&
               w_in.scalar_type() == at::kFloat, "w_in: contiguous float32 [E, C, Hin]");
   TORCH_CHECK((act == kLinear) == !w_out.has_value(), "w_out is absent exactly for the linear activation");
+  const int64_t Hin = w_in.size(2), H = act == kSwiglu ? Hin / 2 : Hin;
+  TORCH_CHECK(residual.size(1) == (w_out ? w_out->size(2) : Hin), "residual: [N, C_out]");
+  if (w_out)
+    TORCH_CHECK(w_out->dim() == 3 && w_out->size(0) == w_in.size(0) && w_out->size(1) == H &&
+                w_out->is_contiguous() && w_out->scalar_type() == at::kFloat, "w_out: contiguous float32 [E, H, C]");
+}
+
+at::Tensor add_experts_(at::Tensor residual, const at::Tensor& x, const at::Tensor& idx, const at::Tensor& gate,
+                        const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, int64_t act) {
+  check_decode_inputs(residual, x, idx, gate, w_in, w_out, act);
   const int64_t N = x.size(0), K = idx.size(1), C = x.size(1), E = w_in.size(0), Hin = w_in.size(2);
   const int64_t H = act == kSwiglu ? Hin / 2 : Hin;
-  const int64_t C_out = w_out ? w_out->size(2) : Hin;
-  TORCH_CHECK(residual.size(1) == C_out, "residual: [N, C_out]");
-  if (w_out)
-    TORCH_CHECK(w_out->dim() == 3 && w_out->size(0) == E && w_out->size(1) == H && w_out->is_contiguous() &&
-                w_out->scalar_type() == at::kFloat, "w_out: contiguous float32 [E, H, C]");
+  const int64_t C_out = residual.size(1);
   auto idx_c = idx.contiguous();
   auto gate_c = gate.contiguous();
   const int64_t* idx_p = idx_c.data_ptr<int64_t>();
