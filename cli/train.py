@@ -76,6 +76,8 @@ class TrainRenderer:
             f"{e['variant']} E={facts['n_expert']} k={facts['experts_per_token']:g}{capacity} act={e['activation']} "
             f"dispatch={e['dispatch']} MoE layers={p['moe_layers']}")
         threads = f" threads={self.threads}" if self.threads and p["device"] == "cpu" else ""
+        if p.get("native_kernel"):  # on CPU: whether the experts run on the native kernels (README, dispatch)
+            threads += " kernels=" + ("native" if p["native_kernel"] == "on" else "python")
         self.console.print(f"[bold]run[/] {p['run_dir']}  device={p['device']}{threads} precision={p['precision']}"
                            + (f" ranks={p['world_size']}" if p["world_size"] > 1 else ""))
         trunk = f" {m['arch']}/{m['attention']}" if m.get("arch", "gpt2") != "gpt2" else ""

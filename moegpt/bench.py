@@ -41,9 +41,8 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
             "python": platform.python_version()}
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    if device is None or device.type == "cpu":
-        why = native.reason()
-        info["native_kernel"] = "on" if why is None else f"off: {why}"
+    if (kernel := native.status(device)) is not None:
+        info["native_kernel"] = kernel
     return info
 
 

@@ -216,7 +216,7 @@ class Trainer:
         self.emit("start", run_dir=str(run.run_dir), config=cfg.to_dict(), params=run.params,
                   device=str(self.device), precision=self.precision, resumed_from=run.resumed_from,
                   start_step=run.step, world_size=self.dist.world_size, moe_layers=run.raw_model.moe_layers,
-                  moe_facts=layer_facts(cfg.model, cfg.moe))
+                  moe_facts=layer_facts(cfg.model, cfg.moe), native_kernel=native.status(self.device))
         run.start_step = run.step
         run.wall_start = run.window_start = time.perf_counter()
         run.model.train()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_moe_dispatch import native_kernel_off
 
-from moegpt.moe import ACTIVATIONS, native
+from moegpt.moe import ACTIVATIONS, native, native_build
 from moegpt.moe.sorted_experts import sorted_experts
 
 if os.environ.get(native.DISABLE_ENV) == "0":
@@ -136,19 +136,44 @@ def test_the_kernel_refuses_mismatched_inputs():
             torch.randn(2, 8, 16), torch.randn(2, 16, 8), native.ACTIVATION_CODES["gelu"])
 
 
-def test_a_failed_build_falls_back_to_the_python_path(monkeypatch, capsys, tmp_path):
+NINJA_FAILURE = ("Error building extension 'moegpt_native_x': [1/3] c++ -MMD -fopenmp -c sorted_experts.cpp\n"
+                 "FAILED: sorted_experts.o\nc++ -MMD -fopenmp -c sorted_experts.cpp\n"
+                 "sorted_experts.cpp:11:10: fatal error: omp.h: No such file or directory\n"
+                 "compilation terminated.\nninja: build stopped: subcommand failed.")
+
+
+def test_a_failed_build_says_why_in_one_line_and_is_not_retried(monkeypatch, capsys, tmp_path):
     import torch.utils.cpp_extension as cpp_extension
 
-    def no_compiler(**_):
-        raise RuntimeError("Error building extension: c++: not found\nmore lines")
+    def failing_compiler(**_):
+        raise RuntimeError(NINJA_FAILURE)
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(native, "_cache_dir", lambda digest: tmp_path / digest)
+    monkeypatch.setattr(cpp_extension, "load", failing_compiler)
+    monkeypatch.setattr(native_build, "_cache_dir", lambda digest: tmp_path / digest)
     monkeypatch.setattr(native, "_state", {})
-    assert native.reason() == "build failed: Error building extension: c++: not found"
-    assert "python path" in capsys.readouterr().err.lower()
+    why = "build failed: sorted_experts.cpp:11:10: fatal error: omp.h: No such file or directory"
+    assert native.reason() == why
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("moegpt: compiling the native expert kernel")
+    assert err[1:] == [f"moegpt: the native expert kernel is unavailable ({why}); the experts run on their Python "
+                       f"paths ({native.HINT})"]
     assert not native.serves(torch.randn(4, 8), torch.rand(1024), torch.randn(2, 8, 16), torch.randn(2, 16, 8),
                              torch.float32, 1, "gelu")
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: pytest.fail("a failed build was retried"))
+    monkeypatch.setattr(native, "_state", {})  # the next process
+    assert native.reason().startswith(why + "; an earlier build in ")
+    assert "compiling" not in capsys.readouterr().err
+
+
+def test_a_built_library_loads_without_the_builder(monkeypatch):
+    """An existing library is loaded directly: no compiler, ninja or lock (a read-only cache works)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: pytest.fail("the builder ran for a built library"))
+    monkeypatch.setattr(native_build, "_build_lock", lambda _: pytest.fail("the lock was taken"))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.reason() is None
 
 
 def test_the_environment_turns_it_off(monkeypatch):
@@ -200,15 +225,15 @@ def test_native_decode_adds_the_experts_as_the_python_path(activation, rows):
 
 
 def test_missing_sources_fall_back_with_their_reason(monkeypatch):
-    monkeypatch.setattr(native, "SOURCES", (native.CSRC / "no_such_file.cpp",))
+    monkeypatch.setattr(native_build, "SOURCES", (native_build.CSRC / "no_such_file.cpp",))
     monkeypatch.setattr(native, "_state", {})
-    assert native.reason().startswith("build failed: ") and "no_such_file.cpp" in native.reason()
+    assert native.reason().startswith("cannot load: ") and "no_such_file.cpp" in native.reason()
 
 
 def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
     """torch waits forever on its lock file; one left behind by a killed build goes once ours is held."""
     (tmp_path / "lock").write_text("")
-    with native._build_lock(tmp_path):
+    with native_build._build_lock(tmp_path):
         assert not (tmp_path / "lock").exists()
 
 

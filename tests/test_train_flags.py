@@ -7,6 +7,7 @@ import tomllib
 from typer.testing import CliRunner
 
 from moegpt.cli.main import app
+from moegpt.moe import native
 
 runner = CliRunner()
 
@@ -26,6 +27,7 @@ def test_common_knobs_as_flags(tiny_data, tmp_path):
                                                                 "eval_iters": 2, "lr_decay_iters": 30,
                                                                 "min_lr_ratio": 0.2}
     assert "threads=1" in result.stdout
+    assert f"kernels={'native' if native.available() else 'python'}" in result.stdout
 
 
 def test_help_says_what_the_dense_ffn_is():

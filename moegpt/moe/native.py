@@ -4,100 +4,47 @@ csrc/sorted_experts.cpp runs a whole layer's expert blocks in one parallel regio
 dispatch, training and full forwards): every intra-op thread takes a contiguous share of the expert-sorted
 assignments and runs its experts with single-threaded kernels, and no Python runs between the ops.
 csrc/decode_experts.cpp adds a generated token's chosen experts onto its residual in one call (decode).
-They are compiled with the machine's C++ compiler through torch's extension builder (ninja) into one
-library in a cache directory keyed by the sources' hash, so that a changed source never loads a stale
-library; the first build takes several seconds and says so on stderr.
+They are compiled on first use into one library (native_build.py).
 
-Nothing depends on it: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
+Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
 environment, the dispatch runs its Python paths (same results to float rounding), and `reason()` says why.
 Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_
 (and region_threads, for a test).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import platform
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
+import moegpt.moe.native_build as native_build
 from moegpt.runtime import on_one_thread
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "sorted_experts.cpp", CSRC / "decode_experts.cpp")
-HEADERS = (CSRC / "activation.h",)
 DISABLE_ENV = "MOEGPT_NATIVE"
-CACHE_ENV = "MOEGPT_NATIVE_CACHE"
-# Activation codes the kernel takes (csrc/sorted_experts.cpp, enum Activation).
+# Activation codes the kernels take (csrc/activation.h).
 ACTIVATION_CODES = {"linear": 0, "gelu": 1, "relu": 2, "swiglu": 3}
 
 # Fewer assignments than this run on the Python path: they make one share, on one thread, where each
 # expert's small products pay the matmul library's own thread hand-off, while the Python path's expert
 # ranges batch all experts into one product (README, dispatch backends).
 MIN_ASSIGNMENTS = 128
-# Part of the cache key with the source: bump it when the build flags change.
-BUILD_FLAGS_VERSION = b"openmp-march-native-1"
+HINT = "a C++ compiler with OpenMP builds it; MOEGPT_NATIVE=0 skips it"
 
 _state: dict[str, object] = {}
 
 
-def _cache_dir(digest: str) -> Path:
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moegpt"
-    return Path(root) / "native" / f"torch-{torch.__version__}-{digest}"
-
-
-def _cpu_identity() -> bytes:
-    """What -march=native compiles for: a cache shared between machines (a network home) must not hand one
-    CPU's library to another that lacks its instructions. x86 names its model and flags, ARM its parts and
-    features."""
-    keys = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in lines if ln.startswith(keys)})).encode()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}".encode()
-
-
-def _digest() -> str:
-    """The library's cache key: its sources, build flags and CPU."""
-    key = b"".join(f.read_bytes() for f in SOURCES + HEADERS) + BUILD_FLAGS_VERSION + _cpu_identity()
-    return hashlib.sha256(key).hexdigest()[:12]
-
-
-@contextlib.contextmanager
-def _build_lock(build_dir: Path) -> Iterator[None]:
-    """One build at a time across processes (a torchrun's ranks), under a lock the OS drops when its holder
-    dies. torch's own lock file outlives a killed build and torch then waits for it forever: holding ours,
-    any such file is stale and goes."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's lock alone
-        yield
-        return
-    with open(build_dir / "moegpt.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            (build_dir / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _load(name: str, build_dir: Path) -> None:
-    from torch.utils.cpp_extension import load
-
-    if not (build_dir / f"{name}.so").exists():
-        print("moegpt: compiling the native expert kernel (first use on this machine, a few seconds)...",
-              file=sys.stderr, flush=True)
-    # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
-    # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool).
-    # -march=native: the decode kernel's plain loops vectorise for this CPU (the cache key holds it)
-    load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=["-O3", "-fopenmp", "-march=native"],
-         extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
+def reason() -> str | None:
+    """None when the native kernels are loaded; otherwise why not (loads, or builds, them on the first call)."""
+    if "reason" not in _state:
+        if os.environ.get(DISABLE_ENV, "1") == "0":
+            _state["reason"] = f"{DISABLE_ENV}=0"
+        else:
+            _state["reason"] = why = native_build.load_library() or _thread_pool_problem()
+            if why is not None:
+                print(f"moegpt: the native expert kernel is unavailable ({why}); the experts run on their Python "
+                      f"paths ({HINT})", file=sys.stderr, flush=True)
+    return _state["reason"]  # type: ignore[return-value]
 
 
 def _thread_pool_problem() -> str | None:
@@ -108,32 +55,6 @@ def _thread_pool_problem() -> str | None:
     return None
 
 
-def _build() -> str | None:
-    """Load (building if needed) the kernels; None when loaded, else why not."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return f"{DISABLE_ENV}=0"
-    try:
-        digest = _digest()
-        build_dir = _cache_dir(digest)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with _build_lock(build_dir):
-            _load(f"moegpt_native_{digest}", build_dir)
-    except Exception as err:  # no compiler, no ninja, no sources, a read-only cache: the Python path serves
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"build failed: {first}"
-    return _thread_pool_problem()
-
-
-def reason() -> str | None:
-    """None when the native kernel is loaded; otherwise why it is not (builds it on the first call)."""
-    if "reason" not in _state:
-        _state["reason"] = why = _build()
-        if why is not None and not why.startswith(DISABLE_ENV):
-            print(f"moegpt: the native expert kernel is unavailable ({why}); the experts run on their Python paths",
-                  file=sys.stderr, flush=True)
-    return _state["reason"]  # type: ignore[return-value]
-
-
 def available() -> bool:
     return reason() is None
 
@@ -141,8 +62,16 @@ def available() -> bool:
 def prepare(device: torch.device | str) -> None:
     """Build (or load) the kernels now when they would serve this device: before a run's clock starts, not
     inside its first step."""
-    if torch.device(device).type == "cpu":
-        reason()
+    status(device)
+
+
+def status(device: torch.device | str | None) -> str | None:
+    """For banners and bench headers: "on", or "off: why", on CPU (or an unknown device); None elsewhere
+    (the kernels are CPU-only)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    why = reason()
+    return "on" if why is None else f"off: {why}"
 
 
 class NativeSortedExperts(torch.autograd.Function):
