@@ -164,7 +164,6 @@ class Trainer:
         cfg.train.name = run_dir.name
         torch.manual_seed(t.seed)
         model = GPT(cfg.model, cfg.moe).to(self.device)
-        native.prepare(self.device)
         if t.expert_parallel > 1:
             self.ep = ExpertParallel(model, t.expert_parallel, self.dist.world_size, self.dist.rank)
         return _Run(ds=ds, run_dir=run_dir, manager=CheckpointManager(run_dir, keep=t.keep_ckpts),
@@ -216,7 +215,8 @@ class Trainer:
         self.emit("start", run_dir=str(run.run_dir), config=cfg.to_dict(), params=run.params,
                   device=str(self.device), precision=self.precision, resumed_from=run.resumed_from,
                   start_step=run.step, world_size=self.dist.world_size, moe_layers=run.raw_model.moe_layers,
-                  moe_facts=layer_facts(cfg.model, cfg.moe), native_kernel=native.status(self.device))
+                  moe_facts=layer_facts(cfg.model, cfg.moe),
+                  native_kernel=native.status(self.device))  # builds the kernels before the clock starts
         run.start_step = run.step
         run.wall_start = run.window_start = time.perf_counter()
         run.model.train()

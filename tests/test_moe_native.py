@@ -18,8 +18,8 @@ from test_moe_dispatch import native_kernel_off
 from moegpt.moe import ACTIVATIONS, native, native_build
 from moegpt.moe.sorted_experts import sorted_experts
 
-if os.environ.get(native.DISABLE_ENV) == "0":
-    pytest.skip(f"{native.DISABLE_ENV}=0: the native kernel is turned off", allow_module_level=True)
+if os.environ.get(native.DISABLE_ENV, "1").strip().lower() in native.OFF_VALUES:
+    pytest.skip(f"{native.DISABLE_ENV} turns the native kernel off", allow_module_level=True)
 
 N, C, H, E, K = 300, 24, 16, 6, 2
 TOL = 2e-5
@@ -176,10 +176,11 @@ def test_a_built_library_loads_without_the_builder(monkeypatch):
     assert native.reason() is None
 
 
-def test_the_environment_turns_it_off(monkeypatch):
-    monkeypatch.setenv(native.DISABLE_ENV, "0")
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
+def test_the_environment_turns_it_off(monkeypatch, value):
+    monkeypatch.setenv(native.DISABLE_ENV, value)
     monkeypatch.setattr(native, "_state", {})
-    assert native.reason() == f"{native.DISABLE_ENV}=0"
+    assert native.reason() == f"{native.DISABLE_ENV}={value}"
 
 
 def test_native_runs_under_inference_mode_as_the_python_path():

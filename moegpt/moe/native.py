@@ -22,6 +22,7 @@ import moegpt.moe.native_build as native_build
 from moegpt.runtime import on_one_thread
 
 DISABLE_ENV = "MOEGPT_NATIVE"
+OFF_VALUES = ("0", "false", "off", "no")
 # Activation codes the kernels take (csrc/activation.h).
 ACTIVATION_CODES = {"linear": 0, "gelu": 1, "relu": 2, "swiglu": 3}
 
@@ -37,8 +38,8 @@ _state: dict[str, object] = {}
 def reason() -> str | None:
     """None when the native kernels are loaded; otherwise why not (loads, or builds, them on the first call)."""
     if "reason" not in _state:
-        if os.environ.get(DISABLE_ENV, "1") == "0":
-            _state["reason"] = f"{DISABLE_ENV}=0"
+        if (setting := os.environ.get(DISABLE_ENV, "1")).strip().lower() in OFF_VALUES:
+            _state["reason"] = f"{DISABLE_ENV}={setting}"
         else:
             _state["reason"] = why = native_build.load_library() or _thread_pool_problem()
             if why is not None:
@@ -118,6 +119,7 @@ def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:
     """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library."""
     if torch.compiler.is_compiling() or activation not in ACTIVATION_CODES:
         return False
-    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in tensors):
-        return False
+    for t in tensors:  # a loop, not any(genexpr): this runs per layer and generated token
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return False
     return available()
