@@ -65,12 +65,12 @@ def routing(case: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return order // K, torch.rand(order.shape[0], generator=gen), counts
 
 
-def run(case: str, activation: str, python_path: bool) -> dict[str, torch.Tensor]:
+def run(case: str, activation: str, python_path: bool, hidden: int = H) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(zlib.crc32(f"{case}/{activation}".encode()))
     tok, gate, counts = routing(case, gen)
-    h_in = 2 * H if activation == "swiglu" else (C if activation == "linear" else H)
+    h_in = 2 * hidden if activation == "swiglu" else (C if activation == "linear" else hidden)
     w_in = (torch.randn(E, C, h_in, generator=gen) * 0.3).requires_grad_()
-    w_out = None if activation == "linear" else (torch.randn(E, H, C, generator=gen) * 0.3).requires_grad_()
+    w_out = None if activation == "linear" else (torch.randn(E, hidden, C, generator=gen) * 0.3).requires_grad_()
     x = torch.randn(N, C, generator=gen, requires_grad=True)
     gate.requires_grad_()
     grad_y = torch.randn(N, C, generator=gen)
@@ -90,21 +90,34 @@ def run(case: str, activation: str, python_path: bool) -> dict[str, torch.Tensor
 CASES = ["random", "dropped", "idle_experts", "one_expert", "all_dropped"]
 
 
-@pytest.mark.parametrize("threads", [2, 5])  # five: an expert spread over three or more shares
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("case", CASES)
-def test_native_matches_the_python_path(case, activation, threads):
-    torch.set_num_threads(threads)
-    got, want = run(case, activation, python_path=False), run(case, activation, python_path=True)
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], label: str) -> None:
     assert got.keys() == want.keys()
     for key, w in want.items():
         assert got[key].shape == w.shape, key
         if not w.numel():
             continue
         err = float((got[key] - w).abs().max())
-        assert err <= TOL * max(1.0, float(w.abs().max())), f"{case}/{activation}: {key} differs by {err:.2e}"
+        assert err <= TOL * max(1.0, float(w.abs().max())), f"{label}: {key} differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("threads", [2, 5])  # five: an expert spread over three or more shares
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_native_matches_the_python_path(case, activation, threads):
+    torch.set_num_threads(threads)
+    got = run(case, activation, python_path=False)
+    assert_same(got, run(case, activation, python_path=True), f"{case}/{activation}")
     if case == "idle_experts":
         assert float(got["w_in"][3:].abs().max()) == 0.0  # idle experts get exact zero gradients
+
+
+@pytest.mark.parametrize("hidden", [1, 7, 21, 40])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "relu"])
+def test_native_activation_passes_at_any_hidden_width(activation, hidden):
+    """The fused activation passes (csrc/fused_activation.cpp) run whole vectors of 8 or 16 floats, then a
+    scalar tail: widths below one vector, between, and past two."""
+    got = run("dropped", activation, python_path=False, hidden=hidden)
+    assert_same(got, run("dropped", activation, python_path=True, hidden=hidden), f"{activation}/H={hidden}")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -99,9 +99,10 @@ class NativeSortedExperts(torch.autograd.Function):
 
 def serves(x_NC: torch.Tensor, gate_M: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None,
            compute_dtype: torch.dtype, bucket: int, activation: str) -> bool:
-    """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
-    bucketing, not under torch.compile."""
-    if gate_M.shape[0] < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32:
+    """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, a
+    contiguous gate, no bucketing, not under torch.compile."""
+    if gate_M.shape[0] < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32 \
+            or not gate_M.is_contiguous():
         return False
     return _takes(activation, x_NC, gate_M, w_in, w_out)
 

@@ -8,6 +8,7 @@
 // Legend: N tokens, C width, E experts, M assignments (sorted by expert), H expert hidden width,
 // Hin the first projection's width (2H for SwiGLU, H otherwise, C for linear).
 #include "activation.h"
+#include "fused_activation.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -16,6 +17,8 @@
 
 #include <algorithm>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -93,34 +96,46 @@ struct Accumulators {
   }
 };
 
-at::Tensor activate(const at::Tensor& h, int64_t act, at::Tensor* silu_gate) {
+at::Tensor activate(const at::Tensor& h, int64_t act) {
   switch (act) {
     case kGelu: return at::gelu(h);
     case kRelu: return at::relu(h);
     case kSwiglu: {
-      auto H = h.size(1) / 2;
-      auto s = at::silu(h.narrow(1, 0, H));
-      if (silu_gate) *silu_gate = s;
-      return s * h.narrow(1, H, H);
+      const int64_t R = h.size(0), H = h.size(1) / 2;
+      auto a = at::empty({R, H}, h.options());
+      swiglu_forward_rows(h.data_ptr<float>(), h.stride(0), a.data_ptr<float>(), R, H);
+      return a;
     }
     default: return h;
   }
 }
 
-at::Tensor activation_backward(const at::Tensor& grad_a, const at::Tensor& h, int64_t act,
-                               const at::Tensor& silu_gate) {
+// (a, dL/dh) of one segment's rows, and grad_gate[r] = sum_j a * grad_a; grad_a is dL/da before the gate.
+// a_kept: GELU's activation rows, kept by forward.
+std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& grad_a, const at::Tensor& h,
+                                                      const at::Tensor& a_kept, const at::Tensor& gate,
+                                                      int64_t act, at::Tensor& grad_gate) {
+  const int64_t R = grad_a.size(0), H = grad_a.size(1);
   switch (act) {
-    case kGelu: return at::gelu_backward(grad_a, h);
-    case kRelu: return grad_a * (h > 0);
-    case kSwiglu: {
-      auto H = h.size(1) / 2;
-      auto grad_h = at::empty_like(h);
-      auto grad_gate = grad_h.narrow(1, 0, H), grad_up = grad_h.narrow(1, H, H);
-      at::mul_out(grad_up, grad_a, silu_gate);
-      at::silu_backward_out(grad_gate, grad_a * h.narrow(1, H, H), h.narrow(1, 0, H));
-      return grad_h;
+    case kGelu: {
+      auto grad_h = at::empty({R, H}, h.options());
+      gelu_backward_rows(grad_a.data_ptr<float>(), h.data_ptr<float>(), h.stride(0), a_kept.data_ptr<float>(),
+                         a_kept.stride(0), gate.data_ptr<float>(), grad_h.data_ptr<float>(),
+                         grad_gate.data_ptr<float>(), R, H);
+      return {a_kept, grad_h};
     }
-    default: return grad_a;
+    case kSwiglu: {
+      auto a = at::empty({R, H}, h.options());
+      auto grad_h = at::empty({R, 2 * H}, h.options());
+      swiglu_backward_rows(grad_a.data_ptr<float>(), h.data_ptr<float>(), h.stride(0), gate.data_ptr<float>(),
+                           a.data_ptr<float>(), grad_h.data_ptr<float>(), grad_gate.data_ptr<float>(), R, H);
+      return {a, grad_h};
+    }
+    default: {  // ReLU
+      auto a = at::relu(h);
+      at::sum_out(grad_gate, a * grad_a, {1});
+      return {a, grad_a * gate.unsqueeze(1) * (h > 0)};
+    }
   }
 }
 
@@ -129,7 +144,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& 
   TORCH_CHECK(act >= kLinear && act <= kSwiglu, "unknown activation code ", act);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [N, C]");
   TORCH_CHECK(tok.dim() == 1 && tok.scalar_type() == at::kLong, "tok: int64 [M]");
-  TORCH_CHECK(gate.sizes() == tok.sizes() && gate.scalar_type() == at::kFloat, "gate: float32 [M]");
+  TORCH_CHECK(gate.sizes() == tok.sizes() && gate.scalar_type() == at::kFloat && gate.is_contiguous(),
+              "gate: contiguous float32 [M]");
   TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong && counts.size(0) == w_in.size(0),
               "counts: int64 [E]");
   TORCH_CHECK(counts.sum().item<int64_t>() == tok.size(0), "counts must add up to the assignments");
@@ -181,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
       a = a_kept.narrow(0, s.lo, s.hi - s.lo);
       at::gelu_out(a, h_s);  // only GELU keeps its activation
     } else {
-      a = activate(h_s, act, nullptr);
+      a = activate(h_s, act);
     }
     y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]).mul_(gate_M1.narrow(0, s.lo, s.hi - s.lo)));
   });
@@ -238,11 +254,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       at::sum_out(grad_gate_s, h_s * g, {1});
       grad_h = g * gate_s;
     } else {
-      auto w_out_t = (*w_out)[s.expert].t();
-      auto grad_a = at::mm(g, w_out_t);
-      at::Tensor silu_gate;
-      auto a = a_kept.numel() ? a_kept.narrow(0, s.lo, rows) : activate(h_s, act, &silu_gate);
-      at::sum_out(grad_gate_s, a * grad_a, {1});
+      auto grad_a = at::mm(g, (*w_out)[s.expert].t());
+      auto a_kept_s = a_kept.numel() ? a_kept.narrow(0, s.lo, rows) : a_kept;
+      at::Tensor a;
+      std::tie(a, grad_h) =
+          activation_backward(grad_a, h_s, a_kept_s, gate.narrow(0, s.lo, rows), act, grad_gate_s);
       auto weighted = g * gate_s;
       if (s.whole) {
         auto slot = grad_w_out[s.expert];
@@ -250,7 +266,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       } else {
         dw_out = at::mm(a.t(), weighted);
       }
-      grad_h = activation_backward(grad_a.mul_(gate_s), h_s, act, silu_gate);
     }
     auto x_s = x.index_select(0, tok_s);
     if (s.whole) {
