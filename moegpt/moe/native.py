@@ -2,8 +2,9 @@
 
 csrc/sorted_experts.cpp runs a whole layer's expert blocks in one parallel region per direction (the sorted
 dispatch, training and full forwards): every intra-op thread takes a contiguous share of the expert-sorted
-assignments and runs its experts with single-threaded kernels, and no Python runs between the ops.
-csrc/decode_experts.cpp adds a generated token's chosen experts onto its residual in one call (decode).
+assignments and runs its experts with single-threaded kernels, and no Python runs between the ops; the
+activations (SwiGLU both ways, GELU's backward) run as one vectorised pass per block with the gate folded in
+(csrc/fused_activation.cpp). csrc/decode_experts.cpp adds a generated token's chosen experts onto its residual in one call (decode).
 They are compiled on first use into one library (native_build.py).
 
 Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
@@ -99,10 +100,9 @@ class NativeSortedExperts(torch.autograd.Function):
 
 def serves(x_NC: torch.Tensor, gate_M: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None,
            compute_dtype: torch.dtype, bucket: int, activation: str) -> bool:
-    """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, a
-    contiguous gate, no bucketing, not under torch.compile."""
-    if gate_M.shape[0] < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32 \
-            or not gate_M.is_contiguous():
+    """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
+    bucketing, not under torch.compile."""
+    if gate_M.shape[0] < MIN_ASSIGNMENTS or bucket != 1 or compute_dtype != torch.float32:
         return False
     return _takes(activation, x_NC, gate_M, w_in, w_out)
 
