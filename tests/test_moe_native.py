@@ -149,6 +149,18 @@ def test_the_kernel_refuses_mismatched_inputs():
             torch.randn(2, 8, 16), torch.randn(2, 16, 8), native.ACTIVATION_CODES["gelu"])
 
 
+@pytest.mark.parametrize("kept, hidden, match", [(torch.empty(0), torch.randn(3, 16), "a_kept"),
+                                                 (torch.randn(3, 16), torch.randn(3, 8), "h: ")])
+def test_the_backward_refuses_what_its_forward_did_not_make(kept, hidden, match):
+    """The fused activation passes read h and GELU's kept activation through raw pointers: a wrong shape is
+    refused, never read past its end."""
+    x, tok, gate, counts = torch.randn(4, 8), torch.tensor([0, 1, 3]), torch.rand(3), torch.tensor([2, 1])
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.moegpt_native.sorted_experts_backward(
+            torch.randn(4, 8), x, tok, gate, counts, torch.randn(2, 8, 16), torch.randn(2, 16, 8), hidden, kept,
+            native.ACTIVATION_CODES["gelu"])
+
+
 NINJA_FAILURE = ("Error building extension 'moegpt_native_x': [1/3] c++ -MMD -fopenmp -c sorted_experts.cpp\n"
                  "FAILED: sorted_experts.o\nc++ -MMD -fopenmp -c sorted_experts.cpp\n"
                  "sorted_experts.cpp:11:10: fatal error: omp.h: No such file or directory\n"

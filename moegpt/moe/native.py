@@ -4,8 +4,8 @@ csrc/sorted_experts.cpp runs a whole layer's expert blocks in one parallel regio
 dispatch, training and full forwards): every intra-op thread takes a contiguous share of the expert-sorted
 assignments and runs its experts with single-threaded kernels, and no Python runs between the ops; the
 activations (SwiGLU both ways, GELU's backward) run as one vectorised pass per block with the gate folded in
-(csrc/fused_activation.cpp). csrc/decode_experts.cpp adds a generated token's chosen experts onto its residual in one call (decode).
-They are compiled on first use into one library (native_build.py).
+(csrc/fused_activation.cpp). csrc/decode_experts.cpp adds a generated token's chosen experts onto its
+residual in one call (decode). They are compiled on first use into one library (native_build.py).
 
 Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
 environment, the dispatch runs its Python paths (same results to float rounding), and `reason()` says why.

@@ -231,6 +231,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& a_kept, int64_t act) {
   check_inputs(x, tok, gate, counts, w_in, w_out, act);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(), "grad_y: contiguous [N, C]");
+  TORCH_CHECK(act != kGelu || (a_kept.dim() == 2 && a_kept.size(0) == tok.size(0) && a_kept.size(1) == w_in.size(2)
+                               && a_kept.is_contiguous() && a_kept.scalar_type() == at::kFloat),
+              "a_kept: GELU's forward activation [M, H]");
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == tok.size(0) && h.size(1) == w_in.size(2) && h.is_contiguous() &&
+                  h.scalar_type() == at::kFloat,
+              "h: the forward's contiguous [M, Hin]");
   const int64_t M = tok.size(0), N = x.size(0), C = x.size(1);
   const bool linear = act == kLinear;
   auto counts_E = to_vector(counts);
