@@ -196,9 +196,9 @@ def train_command(
     """Train a model and write runs/NAME/ (config.toml, metrics.jsonl, ckpt/).
 
     Config precedence: --preset, then --config FILE, then the flags you pass, then --set. With no
-    arguments it trains the default CPU MoE (8 experts, top-2) on the built-in corpus, preparing it
-    on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume, which starts from the
-    run's saved config (flags given with it change only what resuming allows).
+    arguments it trains the default CPU MoE (8 experts, top-2, aux-free routing) on the built-in corpus,
+    preparing it on first use. Ctrl-C saves a checkpoint; continue with --name NAME --resume, which starts
+    from the run's saved config (flags given with it change only what resuming allows).
     """
     from moegpt.threads import apply_threads  # here, not at import: `--help` must not wait for torch
     from moegpt.train import Trainer
