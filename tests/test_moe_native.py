@@ -145,7 +145,7 @@ def test_native_serves_fp32_cpu_calls_of_enough_assignments_only(monkeypatch):
 def test_the_kernel_refuses_mismatched_inputs():
     with pytest.raises(RuntimeError, match="counts must add up"):
         torch.ops.moegpt_native.sorted_experts_forward(
-            torch.randn(4, 8), torch.tensor([0, 1]), torch.rand(2), torch.tensor([1, 2]),
+            torch.randn(4, 8), torch.tensor([0, 1]), torch.rand(2), [1, 2],
             torch.randn(2, 8, 16), torch.randn(2, 16, 8), native.ACTIVATION_CODES["gelu"])
 
 
@@ -154,7 +154,7 @@ def test_the_kernel_refuses_mismatched_inputs():
 def test_the_backward_refuses_what_its_forward_did_not_make(kept, hidden, match):
     """The fused activation passes read h and GELU's kept activation through raw pointers: a wrong shape is
     refused, never read past its end."""
-    x, tok, gate, counts = torch.randn(4, 8), torch.tensor([0, 1, 3]), torch.rand(3), torch.tensor([2, 1])
+    x, tok, gate, counts = torch.randn(4, 8), torch.tensor([0, 1, 3]), torch.rand(3), [2, 1]
     with pytest.raises(RuntimeError, match=match):
         torch.ops.moegpt_native.sorted_experts_backward(
             torch.randn(4, 8), x, tok, gate, counts, torch.randn(2, 8, 16), torch.randn(2, 16, 8), hidden, kept,

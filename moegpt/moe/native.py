@@ -85,16 +85,16 @@ class NativeSortedExperts(torch.autograd.Function):
         code = ACTIVATION_CODES[activation]
         y_NC, h_MHin, a_MH = torch.ops.moegpt_native.sorted_experts_forward(
             x_NC, tok_M, gate_M, counts_E, w_in, w_out, code)
-        ctx.save_for_backward(x_NC, gate_M, w_in, w_out, tok_M, counts_E, h_MHin, a_MH)
-        ctx.code = code
+        ctx.save_for_backward(x_NC, gate_M, w_in, w_out, tok_M, h_MHin, a_MH)
+        ctx.counts_E, ctx.code = counts_E, code
         return y_NC
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_NC):
-        x_NC, gate_M, w_in, w_out, tok_M, counts_E, h_MHin, a_MH = ctx.saved_tensors
+        x_NC, gate_M, w_in, w_out, tok_M, h_MHin, a_MH = ctx.saved_tensors
         grad_x, grad_gate, grad_w_in, grad_w_out = torch.ops.moegpt_native.sorted_experts_backward(
-            grad_y_NC.contiguous(), x_NC, tok_M, gate_M, counts_E, w_in, w_out, h_MHin, a_MH, ctx.code)
+            grad_y_NC.contiguous(), x_NC, tok_M, gate_M, ctx.counts_E, w_in, w_out, h_MHin, a_MH, ctx.code)
         return grad_x, grad_gate, grad_w_in, None if w_out is None else grad_w_out, None, None, None
 
 

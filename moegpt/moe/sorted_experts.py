@@ -290,8 +290,7 @@ def sorted_experts(x_NC: Tensor, tok_M: Tensor, gate_M: Tensor, counts_E: list[i
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_NC.dtype
     with torch.autocast(device_type=device_type, enabled=False):
         if native.serves(x_NC, gate_M, w_in, w_out, dtype, bucket, activation):
-            counts = torch.tensor(counts_E, dtype=torch.long)
             return native.NativeSortedExperts.apply(x_NC.contiguous(), gate_M.contiguous(), w_in.contiguous(),
-                                                    None if w_out is None else w_out.contiguous(), tok_M, counts,
-                                                    activation)
+                                                    None if w_out is None else w_out.contiguous(), tok_M,
+                                                    list(counts_E), activation)
         return SortedExperts.apply(x_NC, gate_M, w_in, w_out, tok_M, list(counts_E), bucket, activation, dtype)

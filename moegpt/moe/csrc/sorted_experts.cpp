@@ -16,6 +16,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <numeric>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -34,7 +35,7 @@ struct Segment {
 };
 
 // Contiguous shares of M rows, one per thread, each cut at the expert boundaries it crosses.
-std::vector<std::vector<Segment>> plan_shares(const std::vector<int64_t>& counts, int64_t shares) {
+std::vector<std::vector<Segment>> plan_shares(at::IntArrayRef counts, int64_t shares) {
   int64_t M = 0;
   for (auto n : counts) M += n;
   std::vector<std::vector<Segment>> plan(shares);
@@ -96,9 +97,11 @@ struct Accumulators {
   }
 };
 
-at::Tensor activate(const at::Tensor& h, int64_t act) {
+// The activation of one segment's rows; GELU's is written into `kept`, its rows of the activation forward keeps
+// for backward (its erf costs more to recompute than to keep).
+at::Tensor activate(const at::Tensor& h, int64_t act, at::Tensor kept) {
   switch (act) {
-    case kGelu: return at::gelu(h);
+    case kGelu: return at::gelu_out(kept, h);
     case kRelu: return at::relu(h);
     case kSwiglu: {
       const int64_t R = h.size(0), H = h.size(1) / 2;
@@ -139,16 +142,16 @@ std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& grad_a, 
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& gate, const at::Tensor& counts,
+void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& gate, at::IntArrayRef counts,
                   const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, int64_t act) {
   TORCH_CHECK(act >= kLinear && act <= kSwiglu, "unknown activation code ", act);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [N, C]");
   TORCH_CHECK(tok.dim() == 1 && tok.scalar_type() == at::kLong, "tok: int64 [M]");
   TORCH_CHECK(gate.sizes() == tok.sizes() && gate.scalar_type() == at::kFloat && gate.is_contiguous(),
               "gate: contiguous float32 [M]");
-  TORCH_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong && counts.size(0) == w_in.size(0),
-              "counts: int64 [E]");
-  TORCH_CHECK(counts.sum().item<int64_t>() == tok.size(0), "counts must add up to the assignments");
+  TORCH_CHECK((int64_t)counts.size() == w_in.size(0), "counts: one per expert");
+  TORCH_CHECK(std::accumulate(counts.begin(), counts.end(), int64_t{0}) == tok.size(0),
+              "counts must add up to the assignments");
   TORCH_CHECK(w_in.dim() == 3 && w_in.size(1) == x.size(1) && w_in.scalar_type() == at::kFloat, "w_in: [E, C, Hin]");
   TORCH_CHECK((act == kLinear) == !w_out.has_value(), "w_out is absent exactly for the linear activation");
   if (w_out) {
@@ -160,18 +163,12 @@ void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& 
   }
 }
 
-std::vector<int64_t> to_vector(const at::Tensor& counts) {
-  auto c = counts.contiguous();
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-}
-
 // (expert, dL/dw_in, dL/dw_out) of the rows of an expert that one share holds.
 using Partial = std::tuple<int64_t, at::Tensor, at::Tensor>;
 
-// Returns (y [N, C_out], h [M, Hin], and a [M, H] for GELU, whose erf costs more to recompute than to keep,
-// else empty).
+// Returns (y [N, C_out], h [M, Hin], and GELU's kept activation a [M, H], else empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& tok,
-                                                       const at::Tensor& gate, const at::Tensor& counts,
+                                                       const at::Tensor& gate, at::IntArrayRef counts,
                                                        const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out,
                                                        int64_t act) {
   check_inputs(x, tok, gate, counts, w_in, w_out, act);
@@ -181,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   const int64_t C_out = linear ? Hin : w_out->size(2);
   auto h = at::empty({M, Hin}, x.options());
   auto a_kept = act == kGelu ? at::empty({M, H}, x.options()) : at::Tensor();
-  auto plan = plan_shares(to_vector(counts), share_count(M));
+  auto plan = plan_shares(counts, share_count(M));
   Accumulators y(plan.size(), N, C_out, x.options());
   auto gate_M1 = gate.unsqueeze(1);
   for_each_segment(plan, [&](int64_t p, const Segment& s) {
@@ -192,13 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
       y.add(p, tok_s, h_s * gate_M1.narrow(0, s.lo, s.hi - s.lo));
       return;
     }
-    at::Tensor a;
-    if (a_kept.defined()) {
-      a = a_kept.narrow(0, s.lo, s.hi - s.lo);
-      at::gelu_out(a, h_s);  // only GELU keeps its activation
-    } else {
-      a = activate(h_s, act);
-    }
+    auto a = activate(h_s, act, a_kept.defined() ? a_kept.narrow(0, s.lo, s.hi - s.lo) : a_kept);
     y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]).mul_(gate_M1.narrow(0, s.lo, s.hi - s.lo)));
   });
   return {y.sum(), h, a_kept.defined() ? a_kept : at::empty({0}, x.options())};
@@ -227,7 +218,7 @@ void finish_weight_grads(const std::vector<std::vector<Segment>>& plan,
 // Returns (grad_x [N, C], grad_gate [M], grad_w_in [E, C, Hin], grad_w_out [E, H, C] or empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& tok, const at::Tensor& gate,
-    const at::Tensor& counts, const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, const at::Tensor& h,
+    at::IntArrayRef counts, const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, const at::Tensor& h,
     const at::Tensor& a_kept, int64_t act) {
   check_inputs(x, tok, gate, counts, w_in, w_out, act);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(), "grad_y: contiguous [N, C]");
@@ -239,8 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
               "h: the forward's contiguous [M, Hin]");
   const int64_t M = tok.size(0), N = x.size(0), C = x.size(1);
   const bool linear = act == kLinear;
-  auto counts_E = to_vector(counts);
-  auto plan = plan_shares(counts_E, share_count(M));
+  auto plan = plan_shares(counts, share_count(M));
   auto grad_gate = at::empty({M}, x.options());
   Accumulators grad_x(plan.size(), N, C, x.options());
   auto grad_w_in = at::empty_like(w_in);
@@ -300,10 +290,10 @@ int64_t region_threads(int64_t shares) {
 }  // namespace
 
 TORCH_LIBRARY(moegpt_native, m) {
-  m.def("sorted_experts_forward(Tensor x, Tensor tok, Tensor gate, Tensor counts, Tensor w_in, Tensor? w_out, "
+  m.def("sorted_experts_forward(Tensor x, Tensor tok, Tensor gate, int[] counts, Tensor w_in, Tensor? w_out, "
         "int act) -> (Tensor, Tensor, Tensor)");
   m.def("region_threads(int shares) -> int");
-  m.def("sorted_experts_backward(Tensor grad_y, Tensor x, Tensor tok, Tensor gate, Tensor counts, Tensor w_in, "
+  m.def("sorted_experts_backward(Tensor grad_y, Tensor x, Tensor tok, Tensor gate, int[] counts, Tensor w_in, "
         "Tensor? w_out, Tensor h, Tensor a_kept, int act) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
