@@ -45,7 +45,6 @@ from moegpt.inspect.stats import top1_of_choices
 from moegpt.kv_cache import KVCache
 from moegpt.moe import is_causal_variant
 from moegpt.moe.stats import generating
-from moegpt.runtime import on_one_thread
 
 if TYPE_CHECKING:  # the model imports this module lazily; a runtime import here would be a cycle
     from moegpt.model import GPT
@@ -262,7 +261,7 @@ def _loop(model: GPT, seq_BL: Tensor, T0: int, max_new: int, block: int, keep: i
     for step in range(max_new + (1 if capture else 0)):
         start, slide = slid_window(L, start, block, keep)
         if cached and cache is not None and not slide:  # a decode step: the newest token on the cache
-            logits_BV, stats = _decode_step(model, seq_BL[:, L - 1], cache, capture)
+            logits_BV, stats = model.decode(seq_BL[:, L - 1], cache, capture)
         else:
             if cached:
                 cache = KVCache()  # (re)fill the cache with the whole window in one pass
@@ -292,15 +291,6 @@ def context_keep_for(block: int, context_keep: int | None) -> tuple[int, str | N
     if 1 <= keep <= block:
         return keep, None
     return keep, f"context_keep must be in [1, block_size={block}] (got {context_keep})"
-
-
-def _decode_step(model: GPT, idx_B: Tensor, cache: KVCache, capture: bool) -> tuple[Tensor, list | None]:
-    """model.decode with one intra-op thread on CPU: a one-token step's ops are far too small to share, and
-    handing one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). The
-    window's passes (prompt, refills) keep every thread."""
-    if idx_B.device.type != "cpu":
-        return model.decode(idx_B, cache, capture)
-    return on_one_thread(model.decode, idx_B, cache, capture)
 
 
 def _unrouted(r: LayerRouting | None, batch: int, n: int) -> LayerRouting | None:

@@ -9,6 +9,7 @@ initialisation (residual projections scaled by 1/sqrt(2 * n_layer)). Legend: B b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,11 @@ from torch import Tensor, nn
 from moegpt.config import ModelConfig, MoEConfig
 from moegpt.errors import MoegptError
 from moegpt.kv_cache import KVCache
-from moegpt.moe import FFNLayer, RouterStats, build_ffn, moe_layer_indices
+from moegpt.moe import FFNLayer, RouterStats, build_ffn, moe_layer_indices, native
 from moegpt.moe.layer import AllReduce
 from moegpt.rmsnorm import RMSNorm
 from moegpt.rope import RotaryEmbedding
+from moegpt.runtime import one_thread
 
 IGNORE_INDEX = -1
 
@@ -35,7 +37,9 @@ class Linear(nn.Linear):
     [in, out] than with nn.Linear's [out, in] (README, "Dispatch backends", has the figures), so such
     calls multiply by a transposed copy of the weight (on other devices: a transposed view). The copy is keyed
     by the weight's storage and in-place version: any update (optimizer step, load_state_dict, .to())
-    rebuilds it, and with it the column blocks that decode steps project onto (`columns`).
+    rebuilds it, and with it the column blocks that decode steps project onto (`columns`). A large such
+    product (the output head of a decode step) is split with the native kernels' helper thread when the code
+    around the decode step has threads to spare (`native.splits_rows_matmul`).
     """
 
     FEW_ROWS = 8
@@ -56,6 +60,8 @@ class Linear(nn.Linear):
             return super().forward(x)
         in_out = self._in_out()[1]
         if self.bias is None:
+            if x.dim() == 2 and native.splits_rows_matmul(x, in_out):
+                return torch.ops.moegpt_native.rows_matmul(x, in_out, True)
             return x @ in_out
         return torch.addmm(self.bias, x.reshape(-1, self.in_features), in_out).view(*x.shape[:-1], -1)
 
@@ -269,6 +275,11 @@ class GPT(nn.Module):
         The lean twin of forward(idx[:, None], cache=cache) that generation steps through: rows [B, C]
         throughout, each sublayer's output added onto the residual by its last product, no losses and no
         stats unless captured. Under autocast it is that forward (in-place cache writes would bypass the casts).
+
+        On CPU it runs with one intra-op thread: a one-token step's ops are far too small to share, and handing
+        one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). The experts'
+        native kernel, whose products are big enough to stream faster from two cores, splits them with its own
+        spinning helper thread when the caller has more than one (`runtime.caller_threads`).
         """
         past = cache.length
         if past + 1 > self.config.block_size:
@@ -279,15 +290,16 @@ class GPT(nn.Module):
             out = self(idx_B[:, None], cache=cache)
             return out.logits[:, -1], [s if s.is_routed else None for s in out.router_stats] if capture else None
         cache.start(len(self.blocks))
-        x = self.wte(idx_B)
-        if self.wpe is not None:
-            x = x + self.wpe.weight[past]
-        stats: list[RouterStats | None] | None = [] if capture else None
-        for layer, block in enumerate(self.blocks):
-            x, layer_stats = block.decode(x, cache, layer, capture)
-            if stats is not None:
-                stats.append(layer_stats)
-        return self.lm_head(self.ln_f(x)), stats
+        with one_thread() if idx_B.device.type == "cpu" else contextlib.nullcontext():
+            x = self.wte(idx_B)
+            if self.wpe is not None:
+                x = x + self.wpe.weight[past]
+            stats: list[RouterStats | None] | None = [] if capture else None
+            for layer, block in enumerate(self.blocks):
+                x, layer_stats = block.decode(x, cache, layer, capture)
+                if stats is not None:
+                    stats.append(layer_stats)
+            return self.lm_head(self.ln_f(x)), stats
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
                 all_logits: bool = False) -> GPTOutput:

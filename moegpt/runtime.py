@@ -93,17 +93,37 @@ def init_distributed(device_request: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
+_caller_threads: list[int] = []  # the intra-op thread counts that enclosing one_thread() blocks replaced
+
+
+class one_thread:  # noqa: N801 - a context manager, named like torch.no_grad
+    """The block runs with one intra-op CPU thread, the caller's thread count restored afterwards: for ops far
+    too small to share, where handing work to a second OpenMP thread costs more than the work (README,
+    "Threads"). Inside, `caller_threads()` says how many the caller had, for the few ops big enough to share.
+    A class rather than a generator: training enters it per expert block."""
+
+    def __enter__(self) -> None:
+        self.threads = threads = torch.get_num_threads()
+        _caller_threads.append(threads)
+        if threads != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _caller_threads.pop()
+        if self.threads != 1:
+            torch.set_num_threads(self.threads)
+
+
+def caller_threads() -> int:
+    """The intra-op threads of the code around the innermost `one_thread()` block (outside one: the current
+    count)."""
+    return _caller_threads[-1] if _caller_threads else torch.get_num_threads()
+
+
 def on_one_thread(fn: Callable[..., T], *args: object) -> T:
-    """fn(*args) with one intra-op CPU thread, the caller's thread count restored afterwards: for ops far too
-    small to share, where handing work to a second OpenMP thread costs more than the work (README, "Threads")."""
-    threads = torch.get_num_threads()
-    if threads == 1:
+    """fn(*args) inside `one_thread()`."""
+    with one_thread():
         return fn(*args)
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def leave_process_group(clean: bool) -> None:

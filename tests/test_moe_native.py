@@ -16,6 +16,7 @@ import torch
 from test_moe_dispatch import native_kernel_off
 
 from moegpt.moe import ACTIVATIONS, native, native_build
+from moegpt.moe.dispatch import add_experts_
 from moegpt.moe.sorted_experts import sorted_experts
 
 if os.environ.get(native.DISABLE_ENV, "1").strip().lower() in native.OFF_VALUES:
@@ -226,7 +227,6 @@ def test_native_runs_under_inference_mode_as_the_python_path():
 def test_native_decode_adds_the_experts_as_the_python_path(activation, rows):
     """A generated token's chosen experts onto its residual (dispatch.add_experts_), with a dropped choice and
     residual rows inside a wider buffer, through the kernel (one op) and through the Python path."""
-    from moegpt.moe.dispatch import add_experts_
     from moegpt.moe.experts import ExpertBank
     from moegpt.op_count import count_ops
 
@@ -250,6 +250,158 @@ def test_native_decode_adds_the_experts_as_the_python_path(activation, rows):
     assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
 
 
+def decode_case(activation: str, hidden: int, rows: int = 2):
+    """A bank, one generated token's rows and their choices (one dropped) for the decode kernel."""
+    from moegpt.moe.experts import ExpertBank
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"decode/{activation}/{hidden}/{rows}".encode()))
+    bank = ExpertBank(E, C, hidden, activation)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(rows)])
+    idx[0, 1] = -1
+    return bank, torch.randn(rows, C, generator=gen), idx, torch.rand(rows, K, generator=gen)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("hidden", [1, 16, 21])
+def test_native_decode_split_with_the_helper_thread_adds_what_one_thread_does(activation, hidden):
+    """Split, the helper thread takes half of every chosen expert's hidden units (of the output columns for
+    linear), summed after the caller's half: one thread's result to rounding, also with an empty half (one
+    hidden unit) or uneven halves, and the same bits every time."""
+    bank, x, idx, gate = decode_case(activation, hidden)
+    code = native.ACTIVATION_CODES[activation]
+    start = torch.randn(x.shape[0], C)
+    with torch.no_grad():
+        whole = torch.ops.moegpt_native.add_experts_(start.clone(), x, idx, gate, bank.w_in, bank.w_out, code)
+        with native_kernel_off():
+            want = add_experts_(start.clone(), x, idx, gate, bank)
+        split = [torch.ops.moegpt_native.add_experts_(start.clone(), x, idx, gate, bank.w_in, bank.w_out, code,
+                                                      True) for _ in range(20)]
+    assert float((whole - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+    assert float((split[0] - whole).abs().max()) <= TOL * max(1.0, float(whole.abs().max()))
+    assert all(torch.equal(s, split[0]) for s in split)
+
+
+def test_the_helper_thread_serves_calls_from_many_threads_and_a_forked_child():
+    """Calls that find the helper busy run both halves themselves; a forked child (where the parent's helper
+    did not follow) makes its own."""
+    import concurrent.futures
+    import multiprocessing
+
+    bank, x, idx, gate = decode_case("swiglu", 16)
+    code = native.ACTIVATION_CODES["swiglu"]
+
+    def split_call(_=None):
+        out = torch.zeros(x.shape[0], C)
+        return torch.ops.moegpt_native.add_experts_(out, x, idx, gate, bank.w_in, bank.w_out, code, True)
+
+    with torch.no_grad():
+        want = split_call()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(split_call, range(200)))
+        assert all(torch.equal(g, want) for g in got)
+        child = multiprocessing.get_context("fork").Process(target=_split_in_child, args=(bank, x, idx, gate, want))
+        child.start()
+        child.join(60)
+    assert child.exitcode == 0
+
+
+def _split_in_child(bank, x, idx, gate, want):
+    out = torch.zeros(x.shape[0], C)
+    with torch.no_grad():
+        got = torch.ops.moegpt_native.add_experts_(out, x, idx, gate, bank.w_in, bank.w_out,
+                                                   native.ACTIVATION_CODES["swiglu"], True)
+    os._exit(0 if torch.equal(got, want) else 1)
+
+
+class KernelSplits(torch.utils._python_dispatch.TorchDispatchMode):
+    """(op name, its `split` argument) of every decode kernel call made inside it."""
+
+    SPLIT_AT = {"moegpt_native.add_experts_.default": 7, "moegpt_native.rows_matmul.default": 2}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (at := self.SPLIT_AT.get(str(func))) is not None:
+            # a dispatch mode sees arguments equal to their default left out
+            self.seen.append(args[at] if len(args) > at else (kwargs or {}).get("split", False))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_decode_dispatch_splits_big_experts_when_the_caller_has_threads(monkeypatch):
+    """Split when the chosen weights reach DECODE_SPLIT_VALUES and the code around the decode step's
+    one-thread block has more than one thread."""
+    from moegpt.moe import dispatch
+    from moegpt.runtime import one_thread
+
+    bank, x, idx, gate = decode_case("gelu", 16, rows=1)
+    chosen = idx.numel() * bank.params_per_expert  # what the choices may read (one is dropped: counted alike)
+    residual = torch.zeros(1, C)
+
+    def splits(split_values: int) -> list[bool]:
+        monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", split_values)
+        with KernelSplits() as spy, torch.no_grad(), one_thread():
+            dispatch.add_experts_(residual, x, idx, gate, bank)
+        return spy.seen
+
+    assert splits(chosen + 1) == [False]  # too small to repay the hand-off
+    assert splits(chosen) == [True]  # the caller has two threads (the fixture's)
+    torch.set_num_threads(1)
+    assert splits(chosen) == [False]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("out_features", [1, 7, 64, 257])
+def test_rows_matmul_split_or_not_is_the_product(rows, out_features):
+    """x @ w for a generated token's rows (rows inside a wider buffer), the output columns split with the
+    helper thread or not; an odd width leaves the halves uneven, a width of one leaves one empty."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, C + 3, generator=gen)[:, :C]
+    w = torch.randn(C, out_features, generator=gen)
+    want = x @ w
+    for split in (False, True):
+        got = torch.ops.moegpt_native.rows_matmul(x, w, split)
+        assert got.shape == want.shape
+        assert float((got - want).abs().max()) <= TOL * max(1.0, float(want.abs().max())), split
+
+
+def test_rows_matmul_refuses_what_it_cannot_read():
+    x, w = torch.randn(2, C), torch.randn(C, 8)
+    for bad_x, bad_w in ((x.t(), w), (x, w.t()), (x.double(), w), (x, torch.randn(C + 1, 8))):
+        with pytest.raises(RuntimeError):
+            torch.ops.moegpt_native.rows_matmul(bad_x, bad_w, True)
+
+
+def test_a_big_few_row_product_is_split_only_when_the_caller_has_threads(monkeypatch):
+    """The model's Linear (the output head of a decode step) splits a large few-row product; a small weight,
+    one thread around the decode step, a bias or autograd keep MKL's product."""
+    from moegpt.model import Linear
+    from moegpt.runtime import one_thread
+
+    head = Linear(C, 96, bias=False)
+    x = torch.randn(1, C)
+
+    def kernel_calls(layer=head, grad=False) -> list[bool]:
+        with KernelSplits() as spy, torch.set_grad_enabled(grad), one_thread():
+            out = layer(x)
+        assert torch.allclose(out, x @ layer.weight.t() + (0 if layer.bias is None else layer.bias), atol=1e-5)
+        return spy.seen
+
+    monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", C * 96)
+    assert kernel_calls() == [True]
+    assert kernel_calls(grad=True) == []
+    assert kernel_calls(Linear(C, 96, bias=True)) == []
+    monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", C * 96 + 1)
+    assert kernel_calls() == []
+    monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", C * 96)
+    torch.set_num_threads(1)
+    assert kernel_calls() == []
+
+
 def test_missing_sources_fall_back_with_their_reason(monkeypatch):
     monkeypatch.setattr(native_build, "SOURCES", (native_build.CSRC / "no_such_file.cpp",))
     monkeypatch.setattr(native, "_state", {})
@@ -268,7 +420,6 @@ def test_the_kernels_share_torchs_thread_pool():
 
 
 def test_native_decode_refuses_a_bad_expert_before_writing_and_counts_its_write():
-    from moegpt.moe.dispatch import add_experts_
     from moegpt.moe.experts import ExpertBank
 
     bank = ExpertBank(E, C, H, "gelu")

@@ -101,21 +101,27 @@ def test_captured_routing_matches_direct_forward():
 
 def test_decode_steps_run_on_one_thread_and_the_thread_count_is_restored_between_tokens(monkeypatch):
     model = tiny_model("topk")
-    seen = []
-    decode = model.decode
+    in_blocks, in_head = [], []
+    block_decode, head_forward = model.blocks[0].decode, model.lm_head.forward
 
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return decode(*args, **kwargs)
+    def block_spy(*args):
+        in_blocks.append(torch.get_num_threads())
+        return block_decode(*args)
 
-    monkeypatch.setattr(model, "decode", spy)
+    def head_spy(x):
+        in_head.append(torch.get_num_threads())
+        return head_forward(x)
+
+    monkeypatch.setattr(model.blocks[0], "decode", block_spy)
+    monkeypatch.setattr(model.lm_head, "forward", head_spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         during = [torch.get_num_threads() for _ in generate_steps(model, [1, 2, 3], 4, temperature=0)]
     finally:
         torch.set_num_threads(threads)
-    assert seen == [1, 1, 1]  # the prompt's pass, then three decode steps
+    assert in_blocks == [1, 1, 1]  # three decode steps (the prompt's pass is a forward)
+    assert in_head == [2, 1, 1, 1]  # the prompt's pass keeps every thread, the decode steps' heads do not
     assert during == [2] * 5  # the caller's code between tokens keeps its threads
 
 

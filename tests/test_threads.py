@@ -68,3 +68,25 @@ def test_short_spin_only_where_the_user_set_nothing(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     prefer_short_spin()
     assert "GOMP_SPINCOUNT" not in os.environ and wait_policy() == "passive"
+
+
+def test_one_thread_blocks_nest_and_remember_the_callers_threads():
+    import torch
+
+    from moegpt.runtime import caller_threads, one_thread
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert caller_threads() == 2  # outside any block: the current count
+        with one_thread():
+            assert torch.get_num_threads() == 1 and caller_threads() == 2
+            with one_thread():
+                assert torch.get_num_threads() == 1 and caller_threads() == 1
+            assert caller_threads() == 2
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError), one_thread():
+            raise ValueError
+        assert torch.get_num_threads() == 2 and caller_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(threads)

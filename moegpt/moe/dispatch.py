@@ -24,6 +24,7 @@ from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
 from moegpt.moe.experts import ExpertBank, activate, mlp_add_to_, mlp_apply, mlp_last_product
 from moegpt.moe.sorted_experts import sorted_experts
+from moegpt.runtime import caller_threads
 
 BACKENDS = DISPATCH_BACKENDS
 BUCKET_ROWS = 64
@@ -50,11 +51,13 @@ def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weigh
     the few-assignment path every expert's product accumulates straight onto it, with no separate sum."""
     if not _few_assignment_path(backend, expert_idx_NK):
         return residual_NC.add_(run_experts(x_NC, expert_idx_NK, weight_NK, bank, backend))
-    if native.serves_decode(residual_NC, x_NC, weight_NK, bank.w_in, bank.w_out, bank.activation):
-        torch.ops.moegpt_native.add_experts_(residual_NC, x_NC, expert_idx_NK, weight_NK, bank.w_in, bank.w_out,
-                                             native.ACTIVATION_CODES[bank.activation])
-        torch.autograd.graph.increment_version(residual_NC)  # a custom op's in-place write does not count itself
-        return residual_NC
+    w_in, w_out, activation = bank.w_in, bank.w_out, bank.activation  # every lookup counts at one token
+    if native.serves_decode(residual_NC, x_NC, weight_NK, w_in, w_out, activation):
+        # the kernel bumps the residual's version itself (a custom op's in-place write does not count)
+        weights = expert_idx_NK.numel() * bank.params_per_expert
+        split = weights >= native.DECODE_SPLIT_VALUES and caller_threads() > 1
+        return torch.ops.moegpt_native.add_experts_(residual_NC, x_NC, expert_idx_NK, weight_NK, w_in, w_out,
+                                                    native.ACTIVATION_CODES[activation], split)
     expert = _decode_expert_weights(bank)
     single = x_NC.shape[0] == 1
     for n, (experts, gates) in enumerate(zip(expert_idx_NK.tolist(), weight_NK.tolist(), strict=True)):

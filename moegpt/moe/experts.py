@@ -6,6 +6,7 @@ fused in one [C, 2H] matrix (one matmul instead of two).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -115,9 +116,11 @@ class ExpertBank(nn.Module):
         return storage_cached(self, "_gate_up_views", self.w_in.data_ptr(),
                               lambda: tuple(_gate_up_split(w) for w in self.w_in.unbind(0)))
 
-    @property
+    @functools.cached_property
     def params_per_expert(self) -> int:
-        return self.w_in[0].numel() + (0 if self.w_out is None else self.w_out[0].numel())
+        """Values of one expert's weights (fixed by the shapes: decode asks per generated token)."""
+        w_in, w_out = self.w_in.shape, self.w_out  # from the shapes: indexing a bank would be an op
+        return w_in[1] * w_in[2] + (0 if w_out is None else w_out.shape[1] * w_out.shape[2])
 
     def forward_batched(self, x_EMC: Tensor) -> Tensor:
         """All experts on equally many rows each: [E, M, C] -> [E, M, C] by batched matmul."""

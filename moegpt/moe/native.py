@@ -20,7 +20,7 @@ import sys
 import torch
 
 import moegpt.moe.native_build as native_build
-from moegpt.runtime import on_one_thread
+from moegpt.runtime import caller_threads, on_one_thread
 
 DISABLE_ENV = "MOEGPT_NATIVE"
 OFF_VALUES = ("0", "false", "off", "no")
@@ -31,6 +31,12 @@ ACTIVATION_CODES = {"linear": 0, "gelu": 1, "relu": 2, "swiglu": 3}
 # expert's small products pay the matmul library's own thread hand-off, while the Python path's expert
 # ranges batch all experts into one product (README, dispatch backends).
 MIN_ASSIGNMENTS = 128
+_FLOAT32 = torch.float32
+# The decode kernels split a product of one generated token with their helper thread (csrc/helper_thread.cpp)
+# when the code around the decode step, which runs on one thread (`runtime.one_thread`), has more than one:
+# at one row a product is bound by how fast a core streams its weights, and two cores stream them faster.
+# Below this many weight values the hand-off costs about what it saves (README, "Threads").
+DECODE_SPLIT_VALUES = 1 << 15
 HINT = "a C++ compiler with OpenMP builds it; MOEGPT_NATIVE=0 skips it"
 
 _state: dict[str, object] = {}
@@ -116,11 +122,19 @@ def serves_decode(residual_NC: torch.Tensor, x_NC: torch.Tensor, gate_NK: torch.
     return _takes(activation, residual_NC, x_NC, gate_NK, w_in, w_out)
 
 
+def splits_rows_matmul(x_NI: torch.Tensor, w_IO: torch.Tensor) -> bool:
+    """Whether a few rows' x @ w (inference, w contiguous [in, out]) is worth splitting with the helper thread:
+    w holds at least DECODE_SPLIT_VALUES values and the code around the decode step has more than one thread."""
+    if w_IO.numel() < DECODE_SPLIT_VALUES or caller_threads() < 2 or not w_IO.is_contiguous():
+        return False
+    return _takes("linear", x_NI, w_IO)
+
+
 def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:
     """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library."""
     if torch.compiler.is_compiling() or activation not in ACTIVATION_CODES:
         return False
-    for t in tensors:  # a loop, not any(genexpr): this runs per layer and generated token
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+    for t in tensors:  # a loop, not any(genexpr), and is_cpu, not device.type: this runs per layer and token
+        if t is not None and (t.dtype is not _FLOAT32 or not t.is_cpu):
             return False
     return available()
