@@ -436,3 +436,24 @@ def test_native_decode_refuses_a_bad_expert_before_writing_and_counts_its_write(
     with torch.no_grad():
         add_experts_(residual, x, torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2), bank)
     assert residual._version > version  # autograd sees the in-place write
+
+
+@pytest.mark.parametrize("variant", ["topk", "aux-free"])
+def test_generation_with_split_decode_products_matches_recomputation(monkeypatch, variant):
+    """End to end with the helper thread taking half of every decode step's experts and output head (the
+    threshold lowered so that a tiny model's products split): cached generation still gives recomputation's
+    tokens, and the same tokens as unsplit decode steps."""
+    from test_sample import tiny_model
+
+    from moegpt.generate import generate
+
+    model = tiny_model(variant, block_size=32)
+    prompt = [1, 2, 3, 4]
+    unsplit = generate(model, prompt, 40, temperature=0, use_cache=True).tokens_BL
+    monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", 1)
+    with KernelSplits() as spy:
+        cached = generate(model, prompt, 40, temperature=0, use_cache=True).tokens_BL
+    assert spy.seen and all(spy.seen)  # every decode kernel call split
+    recomputed = generate(model, prompt, 40, temperature=0, use_cache=False).tokens_BL
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, unsplit)
