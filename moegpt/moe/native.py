@@ -5,12 +5,14 @@ dispatch, training and full forwards): every intra-op thread takes a contiguous 
 assignments and runs its experts with single-threaded kernels, and no Python runs between the ops; the
 activations (SwiGLU both ways, GELU's backward) run as one vectorised pass per block with the gate folded in
 (csrc/fused_activation.cpp). csrc/decode_experts.cpp adds a generated token's chosen experts onto its
-residual in one call (decode). They are compiled on first use into one library (native_build.py).
+residual in one call (decode), and csrc/decode_matmul.cpp multiplies its few rows by a large matrix (the
+output head); both may split their products with a helper thread of their own (csrc/helper_thread.cpp; see
+DECODE_SPLIT_VALUES). They are compiled on first use into one library (native_build.py).
 
 Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
 environment, the dispatch runs its Python paths (same results to float rounding), and `reason()` says why.
-Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_
-(and region_threads, for a test).
+Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_ /
+rows_matmul (and region_threads, for a test).
 """
 from __future__ import annotations
 
