@@ -54,10 +54,16 @@ class KVCache:
     def next_row(self, layer: int, like: Tensor, width: int, capacity: int) -> Tensor:
         """The row [B, X] of `layer`'s buffer that the next token goes into (a view; B = like's rows), counted
         as stored: the caller fills it in place."""
+        buf, row = self.claim_row(layer, like, width, capacity)
+        return buf[:, row]
+
+    def claim_row(self, layer: int, like: Tensor, width: int, capacity: int) -> tuple[Tensor, int]:
+        """`layer`'s whole buffer [B, capacity, X] and the index of the row the next token goes into, counted as
+        stored: for a kernel that writes the row itself (no view made)."""
         buf = self._buffer(layer, like, width, capacity)
-        past = self.lengths[layer]
-        self.lengths[layer] = past + 1
-        return buf[:, past]
+        row = self.lengths[layer]
+        self.lengths[layer] = row + 1
+        return buf, row
 
     def nbytes(self) -> int:
         """Bytes of the cached entries (the filled part of every layer's buffer)."""

@@ -163,10 +163,18 @@ class CausalSelfAttention(nn.Module):
         """x += attention of one new token per sequence (h = the normed x, rows [B, C]) over the cache, in place
         (x is the step's own residual); inference.
 
-        The new keys and values are projected straight into their cache row (mm's out=), the query into a
-        buffer already viewed per head, and the keys and values attended are slices of per-head views of the
-        whole cache buffer: those views are made once per cache (`decode_views`), not per token."""
+        On the gpt2 trunk in fp32 on CPU the native kernel runs the whole sublayer in one op (projections, the
+        cache row, attention, output product; moegpt/moe/csrc/decode_attention.cpp). Otherwise the new keys
+        and values are projected straight into their cache row (mm's out=), the query into a buffer already
+        viewed per head, and the keys and values attended are slices of per-head views of the whole cache
+        buffer: those views are made once per cache (`decode_views`), not per token."""
         B, C = h_BC.shape
+        if self.rope is None:  # the native kernel: the whole sublayer in one op
+            w_qkv, w_proj = self.c_attn._in_out()[1], self.c_proj._in_out()[1]
+            if native.serves_decode_attention(x_BC, h_BC, w_qkv, w_proj):
+                kv, pos = cache.claim_row(layer, h_BC, 2 * C, self.block_size)
+                return torch.ops.moegpt_native.decode_attention_(x_BC, h_BC, w_qkv, self.c_attn.bias, w_proj,
+                                                                 self.c_proj.bias, kv, pos, self.n_head)
         (w_q, b_q), (w_kv, b_kv) = self.c_attn.columns((C, 2 * C))
         pos = cache.lengths[layer]
         row_BX = cache.next_row(layer, h_BC, 2 * C, self.block_size)

@@ -188,7 +188,9 @@ def assert_decode_equals_cached_forward(model: GPT, idx: torch.Tensor, prefill: 
                     assert not theirs.is_routed
                     continue
                 assert torch.equal(mine.expert_idx_NK, theirs.expert_idx_NK)
-                torch.testing.assert_close(mine.expert_weight_NK, theirs.expert_weight_NK, atol=1e-6, rtol=0)
+                # the native decode kernels sum in their own order (gates of weights perturbed to ~0.3 differ by
+                # ~1e-6 after a few layers); same tolerance as the logits
+                torch.testing.assert_close(mine.expert_weight_NK, theirs.expert_weight_NK, atol=1e-5, rtol=1e-5)
                 assert (mine.dropped_NK is None) == (theirs.dropped_NK is None)
                 if mine.dropped_NK is not None:
                     assert torch.equal(mine.dropped_NK, theirs.dropped_NK)

@@ -124,6 +124,13 @@ def serves_decode(residual_NC: torch.Tensor, x_NC: torch.Tensor, gate_NK: torch.
     return _takes(activation, residual_NC, x_NC, gate_NK, w_in, w_out)
 
 
+def serves_decode_attention(x_BC: torch.Tensor, h_BC: torch.Tensor, w_qkv: torch.Tensor,
+                            w_proj: torch.Tensor) -> bool:
+    """Whether the decode attention kernel takes a decode step's attention sublayer (the caller checks the
+    trunk: no rotary positions): fp32 on CPU, eager mode, a built library."""
+    return _takes("linear", x_BC, h_BC, w_qkv, w_proj)
+
+
 def splits_rows_matmul(x_NI: torch.Tensor, w_IO: torch.Tensor) -> bool:
     """Whether a few rows' x @ w (inference, w contiguous [in, out]) is worth splitting with the helper thread:
     w holds at least DECODE_SPLIT_VALUES values and the code around the decode step has more than one thread."""
