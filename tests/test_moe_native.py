@@ -180,9 +180,9 @@ def test_a_failed_build_says_why_in_one_line_and_is_not_retried(monkeypatch, cap
     why = "build failed: sorted_experts.cpp:11:10: fatal error: omp.h: No such file or directory"
     assert native.reason() == why
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("moegpt: compiling the native expert kernel")
-    assert err[1:] == [f"moegpt: the native expert kernel is unavailable ({why}); the experts run on their Python "
-                       f"paths ({native.HINT})"]
+    assert err[0].startswith("moegpt: compiling the native kernels")
+    assert err[1:] == [f"moegpt: the native kernels are unavailable ({why}); the experts and decode steps run on "
+                       f"their Python paths ({native.HINT})"]
     assert not native.serves(torch.randn(4, 8), torch.rand(1024), torch.randn(2, 8, 16), torch.randn(2, 16, 8),
                              torch.float32, 1, "gelu")
 

@@ -52,8 +52,8 @@ def reason() -> str | None:
         else:
             _state["reason"] = why = native_build.load_library() or _thread_pool_problem()
             if why is not None:
-                print(f"moegpt: the native expert kernel is unavailable ({why}); the experts run on their Python "
-                      f"paths ({HINT})", file=sys.stderr, flush=True)
+                print(f"moegpt: the native kernels are unavailable ({why}); the experts and decode steps run on "
+                      f"their Python paths ({HINT})", file=sys.stderr, flush=True)
     return _state["reason"]  # type: ignore[return-value]
 
 
