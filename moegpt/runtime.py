@@ -6,6 +6,7 @@ import contextlib
 import gc
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
@@ -93,7 +94,15 @@ def init_distributed(device_request: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
-_caller_threads: list[int] = []  # the intra-op thread counts that enclosing one_thread() blocks replaced
+# Per Python thread: the intra-op thread counts that its enclosing one_thread() blocks replaced.
+_caller_threads = threading.local()
+
+
+def _replaced() -> list[int]:
+    stack = getattr(_caller_threads, "stack", None)
+    if stack is None:
+        stack = _caller_threads.stack = []
+    return stack
 
 
 class one_thread:  # noqa: N801 - a context manager, named like torch.no_grad
@@ -104,12 +113,12 @@ class one_thread:  # noqa: N801 - a context manager, named like torch.no_grad
 
     def __enter__(self) -> None:
         self.threads = threads = torch.get_num_threads()
-        _caller_threads.append(threads)
+        _replaced().append(threads)
         if threads != 1:
             torch.set_num_threads(1)
 
     def __exit__(self, *exc_info: object) -> None:
-        _caller_threads.pop()
+        _replaced().pop()
         if self.threads != 1:
             torch.set_num_threads(self.threads)
 
@@ -117,7 +126,8 @@ class one_thread:  # noqa: N801 - a context manager, named like torch.no_grad
 def caller_threads() -> int:
     """The intra-op threads of the code around the innermost `one_thread()` block (outside one: the current
     count)."""
-    return _caller_threads[-1] if _caller_threads else torch.get_num_threads()
+    stack = _replaced()
+    return stack[-1] if stack else torch.get_num_threads()
 
 
 def on_one_thread(fn: Callable[..., T], *args: object) -> T:

@@ -284,6 +284,20 @@ def test_native_decode_split_with_the_helper_thread_adds_what_one_thread_does(ac
     assert all(torch.equal(s, split[0]) for s in split)
 
 
+def test_the_helper_thread_takes_the_second_half():
+    """The inline fallback gives the same bits, so equality alone would not show the helper ever ran."""
+    assert torch.ops.moegpt_native.halves_on_two_threads()
+
+
+def test_the_decode_kernel_refuses_a_residual_that_overlaps_its_input():
+    bank, x, idx, gate = decode_case("gelu", 16)
+    code = native.ACTIVATION_CODES["gelu"]
+    with torch.no_grad():
+        for residual in (x, torch.randn(1, C).expand(x.shape[0], C)):
+            with pytest.raises(RuntimeError, match="overlap|memory location"):
+                torch.ops.moegpt_native.add_experts_(residual, x, idx, gate, bank.w_in, bank.w_out, code, True)
+
+
 def test_the_helper_thread_serves_calls_from_many_threads_and_a_forked_child():
     """Calls that find the helper busy run both halves themselves; a forked child (where the parent's helper
     did not follow) makes its own."""
@@ -398,8 +412,23 @@ def test_a_big_few_row_product_is_split_only_when_the_caller_has_threads(monkeyp
     monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", C * 96 + 1)
     assert kernel_calls() == []
     monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", C * 96)
+    strided = x
+    x = torch.randn(1, 2 * C)[:, ::2]  # rows the kernel cannot read: MKL's product instead of a refusal
+    assert kernel_calls() == []
+    x = strided
     torch.set_num_threads(1)
     assert kernel_calls() == []
+
+
+def test_the_split_gate_asks_for_no_thread_count_under_torch_compile(monkeypatch):
+    """torch.get_num_threads() would break a compiled graph: the gate declines before asking."""
+    from moegpt import runtime
+
+    monkeypatch.setattr(native, "DECODE_SPLIT_VALUES", 1)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(runtime, "caller_threads", lambda: pytest.fail("asked for the thread count"))
+    monkeypatch.setattr(native, "caller_threads", lambda: pytest.fail("asked for the thread count"))
+    assert not native.splits_rows_matmul(torch.randn(1, C), torch.randn(C, 8))
 
 
 def test_missing_sources_fall_back_with_their_reason(monkeypatch):

@@ -83,13 +83,34 @@ def test_native_decode_attention_refuses_what_it_cannot_read():
         assert torch.equal(x, before)
 
 
+def test_native_decode_attention_refuses_overlapping_outputs():
+    attn = attention(False, 4)
+    w_qkv, w_proj = attn.c_attn._in_out()[1], attn.c_proj._in_out()[1]
+    kv = torch.randn(2, BLOCK, 2 * C)
+    op = torch.ops.moegpt_native.decode_attention_
+    h, flat = torch.randn(2, C), torch.randn(2 * C + 1)
+    for x, h_in in ((kv[:, 0, :C], h),  # the residual inside the cache
+                    (h, kv[:, 1, :C]),  # h inside the cache
+                    (torch.randn(1, C).expand(2, C), h),  # two residual rows on one memory
+                    (flat[:-1].view(2, C), flat[1:].view(2, C))):  # x a shifted view of h
+        with pytest.raises(RuntimeError, match="overlap|memory location"):
+            op(x, h_in, w_qkv, None, w_proj, None, kv, 0, 4)
+    same = torch.randn(2, C)  # x may be h itself: each row of h is read whole before its row of x is written
+    want = same.clone()
+    with torch.no_grad():
+        op(same, same, w_qkv, None, w_proj, None, kv.clone(), 0, 4)
+        op(want, want.clone(), w_qkv, None, w_proj, None, kv.clone(), 0, 4)
+    assert torch.equal(same, want)
+
+
 def test_the_write_is_seen_by_autograd_and_rotary_attention_stays_in_python():
     attn = attention(True, 4)
     x, h = torch.randn(1, C), torch.randn(1, C)
     cache = filled_cache(1, 3, 2)
     versions = (x._version, cache.kv[0]._version)
     with torch.no_grad():
-        attn.decode(h, x, cache, 0)
+        ops = count_ops(lambda: attn.decode(h, x, cache, 0))
+    assert ops == {"moegpt_native.decode_attention_.default": 1}  # the kernel's own bump, not the Python path's
     assert x._version > versions[0] and cache.kv[0]._version > versions[1]
     llama = CausalSelfAttention(ModelConfig(n_embd=C, n_head=4, block_size=BLOCK, arch="llama")).eval()
     with torch.inference_mode():

@@ -90,3 +90,33 @@ def test_one_thread_blocks_nest_and_remember_the_callers_threads():
         assert torch.get_num_threads() == 2 and caller_threads() == 2  # restored after an error too
     finally:
         torch.set_num_threads(threads)
+
+
+def test_each_python_thread_remembers_its_own_callers_threads():
+    import threading
+
+    import torch
+
+    from moegpt.runtime import caller_threads, one_thread
+
+    threads = torch.get_num_threads()
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with one_thread():
+            inside.set()
+            leave.wait(10)
+            seen.append(caller_threads())
+
+    torch.set_num_threads(2)
+    try:
+        worker = threading.Thread(target=other)
+        worker.start()
+        inside.wait(10)
+        with one_thread():
+            pass  # this thread's block ends while the other's is still open
+        leave.set()
+        worker.join(10)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [2]

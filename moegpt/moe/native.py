@@ -117,9 +117,11 @@ def serves(x_NC: torch.Tensor, gate_M: torch.Tensor, w_in: torch.Tensor, w_out: 
 
 def serves_decode(residual_NC: torch.Tensor, x_NC: torch.Tensor, gate_NK: torch.Tensor, w_in: torch.Tensor,
                   w_out: torch.Tensor | None, activation: str) -> bool:
-    """Whether the decode kernel takes this call: fp32 on CPU, contiguous expert banks, not under
-    torch.compile."""
+    """Whether the decode kernel takes this call: fp32 on CPU, contiguous expert banks, rows of contiguous
+    values, not under torch.compile."""
     if not (w_in.is_contiguous() and (w_out is None or w_out.is_contiguous())):
+        return False
+    if residual_NC.stride(-1) != 1 or x_NC.stride(-1) != 1:
         return False
     return _takes(activation, residual_NC, x_NC, gate_NK, w_in, w_out)
 
@@ -128,15 +130,17 @@ def serves_decode_attention(x_BC: torch.Tensor, h_BC: torch.Tensor, w_qkv: torch
                             w_proj: torch.Tensor) -> bool:
     """Whether the decode attention kernel takes a decode step's attention sublayer (the caller checks the
     trunk: no rotary positions): fp32 on CPU, eager mode, a built library."""
+    if x_BC.stride(-1) != 1 or h_BC.stride(-1) != 1:
+        return False
     return _takes("linear", x_BC, h_BC, w_qkv, w_proj)
 
 
 def splits_rows_matmul(x_NI: torch.Tensor, w_IO: torch.Tensor) -> bool:
     """Whether a few rows' x @ w (inference, w contiguous [in, out]) is worth splitting with the helper thread:
     w holds at least DECODE_SPLIT_VALUES values and the code around the decode step has more than one thread."""
-    if w_IO.numel() < DECODE_SPLIT_VALUES or caller_threads() < 2 or not w_IO.is_contiguous():
+    if w_IO.numel() < DECODE_SPLIT_VALUES or x_NI.stride(-1) != 1 or not w_IO.is_contiguous():
         return False
-    return _takes("linear", x_NI, w_IO)
+    return _takes("linear", x_NI, w_IO) and caller_threads() > 1  # _takes first: it checks for torch.compile
 
 
 def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:

@@ -7,9 +7,11 @@
 // weights come as [in, out] matrices, as the model's decode step multiplies them (model.Linear).
 // Legend: B rows (sequences), C width, S cache capacity (tokens), P = pos + 1 tokens attended, D head width.
 #include "decode_rows.h"
+#include "disjoint.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +39,12 @@ void check_attention_inputs(const at::Tensor& x, const at::Tensor& h, const at::
   TORCH_CHECK(kv.dim() == 3 && kv.size(0) == B && kv.size(2) == 2 * C && kv.is_contiguous() &&
               kv.scalar_type() == f32, "kv: contiguous float32 [B, S, 2C]");
   TORCH_CHECK(pos >= 0 && pos < kv.size(1), "pos ", pos, " outside the cache's ", kv.size(1), " rows");
+  // written through raw pointers: no two rows of x may share memory, nor x and the cache; x may be h itself
+  // (a row of h is read whole before its row of x is written), but not a shifted view of it
+  at::assert_no_internal_overlap(x);
+  moegpt::check_disjoint(kv, x, "the cache and x");
+  moegpt::check_disjoint(kv, h, "the cache and h");
+  if (!x.is_same(h)) moegpt::check_disjoint(x, h, "x and h (unless the same tensor)");
 }
 
 // out[0:D] = softmax over t < P of (q . keys_t) * scale, applied to values_t: one head of one row.

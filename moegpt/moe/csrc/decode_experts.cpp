@@ -10,10 +10,12 @@
 // projection's width (2H for SwiGLU, H otherwise, C for linear).
 #include "activation.h"
 #include "decode_rows.h"
+#include "disjoint.h"
 #include "helper_thread.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <cmath>
@@ -38,6 +40,8 @@ void check_decode_inputs(const at::Tensor& residual, const at::Tensor& x, const 
   TORCH_CHECK(x.dim() == 2 && residual.dim() == 2 && x.size(0) == residual.size(0), "x, residual: [N, C]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && residual.scalar_type() == at::kFloat, "x, residual: float32");
   TORCH_CHECK(x.stride(1) == 1 && residual.stride(1) == 1, "x, residual: rows of contiguous values");
+  at::assert_no_internal_overlap(residual);  // rows written through raw pointers: no two may share memory
+  moegpt::check_disjoint(residual, x, "residual and x");
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && idx.scalar_type() == at::kLong, "idx: int64 [N, K]");
   TORCH_CHECK(gate.sizes() == idx.sizes() && gate.scalar_type() == at::kFloat, "gate: float32 [N, K]");
   TORCH_CHECK(w_in.dim() == 3 && w_in.size(1) == x.size(1) && w_in.is_contiguous() &&
