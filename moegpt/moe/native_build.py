@@ -23,7 +23,7 @@ import torch
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "sorted_experts.cpp", CSRC / "fused_activation.cpp", CSRC / "decode_experts.cpp",
            CSRC / "decode_matmul.cpp", CSRC / "decode_attention.cpp", CSRC / "helper_thread.cpp")
-HEADERS = (CSRC / "activation.h", CSRC / "fused_activation.h", CSRC / "decode_rows.h", CSRC / "disjoint.h",
+HEADERS = (CSRC / "activation.h", CSRC / "fused_activation.h", CSRC / "decode_rows.h", CSRC / "inplace.h",
            CSRC / "helper_thread.h")
 CACHE_ENV = "MOEGPT_NATIVE_CACHE"
 # Part of the cache key with the sources: bump it when the build flags change.

@@ -7,7 +7,7 @@
 // weights come as [in, out] matrices, as the model's decode step multiplies them (model.Linear).
 // Legend: B rows (sequences), C width, S cache capacity (tokens), P = pos + 1 tokens attended, D head width.
 #include "decode_rows.h"
-#include "disjoint.h"
+#include "inplace.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -90,10 +90,8 @@ at::Tensor decode_attention_(at::Tensor x, const at::Tensor& h, const at::Tensor
     if (b_proj)
       for (int64_t c = 0; c < C; ++c) x_b[c] += b_proj->data_ptr<float>()[c];
   }
-  // custom ops' in-place writes do not count themselves: autograd must see them (inference tensors have no
-  // version to bump)
-  if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
-  if (!kv.is_inference()) kv.unsafeGetTensorImpl()->bump_version();
+  moegpt::count_write(x);
+  moegpt::count_write(kv);
   return x;
 }
 

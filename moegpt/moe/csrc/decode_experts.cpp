@@ -10,7 +10,7 @@
 // projection's width (2H for SwiGLU, H otherwise, C for linear).
 #include "activation.h"
 #include "decode_rows.h"
-#include "disjoint.h"
+#include "inplace.h"
 #include "helper_thread.h"
 
 #include <torch/library.h>
@@ -140,8 +140,7 @@ at::Tensor add_experts_(at::Tensor residual, const at::Tensor& x, const at::Tens
     TORCH_CHECK(call.idx[i] < w_in.size(0), "expert index ", call.idx[i], " out of range for ", w_in.size(0),
                 " experts");
   add_all_shares(call, residual.data_ptr<float>(), residual.stride(0), split);
-  // a custom op's in-place write does not count itself: autograd must see it (not needed on inference tensors)
-  if (!residual.is_inference()) residual.unsafeGetTensorImpl()->bump_version();
+  moegpt::count_write(residual);
   return residual;
 }
 

@@ -1,4 +1,5 @@
-// Checks that the decode kernels' outputs, written through raw pointers, share no memory with their inputs.
+// What the decode kernels' in-place writes, made through raw pointers, owe ATen: outputs that share no memory
+// with their inputs, and a version bump.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +23,11 @@ inline void check_disjoint(const at::Tensor& a, const at::Tensor& b, const char*
   const auto [a0, a1] = byte_span(a);
   const auto [b0, b1] = byte_span(b);
   TORCH_CHECK(a1 <= b0 || b1 <= a0, what, " must not overlap in memory");
+}
+
+// A custom op's in-place write does not count itself: autograd must see it (inference tensors have no version).
+inline void count_write(at::Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace moegpt
