@@ -285,9 +285,10 @@ class GPT(nn.Module):
         stats unless captured. Under autocast it is that forward (in-place cache writes would bypass the casts).
 
         On CPU it runs with one intra-op thread: a one-token step's ops are far too small to share, and handing
-        one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). The experts'
-        native kernel, whose products are big enough to stream faster from two cores, splits them with its own
-        spinning helper thread when the caller has more than one (`runtime.caller_threads`).
+        one to a second OpenMP thread costs a hand-off or a wake-up each (README, "Threads"). Two products are
+        big enough to stream faster from two cores, a token's experts and the output head: the native kernels
+        split them with their own spinning helper thread when the caller has more than one
+        (`runtime.caller_threads`).
         """
         past = cache.length
         if past + 1 > self.config.block_size:

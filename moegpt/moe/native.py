@@ -4,15 +4,16 @@ csrc/sorted_experts.cpp runs a whole layer's expert blocks in one parallel regio
 dispatch, training and full forwards): every intra-op thread takes a contiguous share of the expert-sorted
 assignments and runs its experts with single-threaded kernels, and no Python runs between the ops; the
 activations (SwiGLU both ways, GELU's backward) run as one vectorised pass per block with the gate folded in
-(csrc/fused_activation.cpp). csrc/decode_experts.cpp adds a generated token's chosen experts onto its
-residual in one call (decode), and csrc/decode_matmul.cpp multiplies its few rows by a large matrix (the
-output head); both may split their products with a helper thread of their own (csrc/helper_thread.cpp; see
+(csrc/fused_activation.cpp). For generation's decode steps, csrc/decode_experts.cpp adds a token's chosen
+experts onto its residual in one call, csrc/decode_attention.cpp runs its attention sublayer (gpt2 trunk) in
+one call, and csrc/decode_matmul.cpp multiplies its few rows by a large matrix (the output head); the experts
+and the head may split their products with a helper thread of their own (csrc/helper_thread.cpp; see
 DECODE_SPLIT_VALUES). They are compiled on first use into one library (native_build.py).
 
 Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
 environment, the dispatch runs its Python paths (same results to float rounding), and `reason()` says why.
 Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_ /
-rows_matmul (and region_threads, for a test).
+decode_attention_ / rows_matmul (and region_threads, halves_on_two_threads, for tests).
 """
 from __future__ import annotations
 

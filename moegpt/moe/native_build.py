@@ -105,7 +105,7 @@ def _compile(name: str, build_dir: Path) -> None:
               "version, about ten seconds)...", file=sys.stderr, flush=True)
     # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
     # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool).
-    # -march=native: the decode kernel's plain loops vectorise for this CPU (the cache key holds it)
+    # -march=native: the decode kernels' plain loops vectorise for this CPU (the cache key holds it)
     with _quiet_builder():
         load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=["-O3", "-fopenmp", "-march=native"],
              extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
