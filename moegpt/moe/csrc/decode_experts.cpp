@@ -10,8 +10,8 @@
 // projection's width (2H for SwiGLU, H otherwise, C for linear).
 #include "activation.h"
 #include "decode_rows.h"
-#include "inplace.h"
 #include "helper_thread.h"
+#include "inplace.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
