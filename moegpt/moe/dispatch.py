@@ -24,7 +24,6 @@ from moegpt.config import DISPATCH_BACKENDS
 from moegpt.errors import MoegptError
 from moegpt.moe.experts import ExpertBank, activate, mlp_add_to_, mlp_apply, mlp_last_product
 from moegpt.moe.sorted_experts import sorted_experts
-from moegpt.runtime import caller_threads
 
 BACKENDS = DISPATCH_BACKENDS
 BUCKET_ROWS = 64
@@ -54,8 +53,7 @@ def add_experts_(residual_NC: Tensor, x_NC: Tensor, expert_idx_NK: Tensor, weigh
     w_in, w_out, activation = bank.w_in, bank.w_out, bank.activation  # every lookup counts at one token
     if native.serves_decode(residual_NC, x_NC, weight_NK, w_in, w_out, activation):
         # the kernel bumps the residual's version itself (a custom op's in-place write does not count)
-        weights = expert_idx_NK.numel() * bank.params_per_expert
-        split = weights >= native.DECODE_SPLIT_VALUES and caller_threads() > 1
+        split = native.worth_splitting(expert_idx_NK.numel() * bank.params_per_expert)
         return torch.ops.moegpt_native.add_experts_(residual_NC, x_NC, expert_idx_NK, weight_NK, w_in, w_out,
                                                     native.ACTIVATION_CODES[activation], split)
     expert = _decode_expert_weights(bank)

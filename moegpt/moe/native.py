@@ -136,12 +136,19 @@ def serves_decode_attention(x_BC: torch.Tensor, h_BC: torch.Tensor, w_qkv: torch
     return _takes("linear", x_BC, h_BC, w_qkv, w_proj)
 
 
+def worth_splitting(weight_values: int) -> bool:
+    """Whether a decode kernel should split a product over this many weight values with its helper thread:
+    at least DECODE_SPLIT_VALUES of them, and more than one thread around the decode step."""
+    return weight_values >= DECODE_SPLIT_VALUES and caller_threads() > 1
+
+
 def splits_rows_matmul(x_NI: torch.Tensor, w_IO: torch.Tensor) -> bool:
-    """Whether a few rows' x @ w (inference, w contiguous [in, out]) is worth splitting with the helper thread:
-    w holds at least DECODE_SPLIT_VALUES values and the code around the decode step has more than one thread."""
+    """Whether a few rows' x @ w (inference, w contiguous [in, out]) goes to the native kernel, split with the
+    helper thread (`worth_splitting`)."""
     if w_IO.numel() < DECODE_SPLIT_VALUES or x_NI.stride(-1) != 1 or not w_IO.is_contiguous():
         return False
-    return _takes("linear", x_NI, w_IO) and caller_threads() > 1  # _takes first: it checks for torch.compile
+    # _takes first: it checks for torch.compile, under which asking for the thread count breaks the graph
+    return _takes("linear", x_NI, w_IO) and worth_splitting(w_IO.numel())
 
 
 def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:
