@@ -179,7 +179,10 @@ def assert_decode_equals_cached_forward(model: GPT, idx: torch.Tensor, prefill: 
             capture = t % 2 == 0
             logits, stats = model.decode(idx[:, t], cache, capture=capture)
             assert cache.length == ref_cache.length == t + 1
-            torch.testing.assert_close(logits, ref.logits[:, -1], atol=1e-5, rtol=1e-5)
+            # the decode kernels and forward's ops sum in different orders: fp32 rounding of sums whose terms
+            # reach the logits' own size (several units with the sharpened weights), so relative to that size
+            scale = max(1.0, ref.logits.abs().max().item())
+            torch.testing.assert_close(logits, ref.logits[:, -1], atol=1e-5 * scale, rtol=1e-5)
             if not capture:
                 assert stats is None
                 continue
