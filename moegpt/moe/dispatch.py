@@ -4,8 +4,9 @@ All backends take the same arguments and give the same result (tests check fp32 
 and gradients). Legend: N tokens, K choices per token, C width, E experts, M = kept assignments.
 
 - loop:    reference, HF-style: for each expert, find its tokens, run, index_add.
-- sorted:  default: one argsort of the N*K assignments, then every expert's contiguous row block through
-           one hand-written autograd node (moe/sorted_experts.py), index_add back per block.
+- sorted:  default: one stable sort of the N*K assignments by expert (a native counting sort on CPU), then
+           every expert's contiguous row block through one hand-written autograd node
+           (moe/sorted_experts.py), index_add back per block.
 - bucketed: sorted, with each expert's block padded with zero rows to a multiple of 64, so matmul
            shapes repeat across steps (what bf16 on CPU needs: oneDNN compiles a primitive per shape).
 - padded:  sorted, then a capacity-bounded [E, max_count, C] buffer and batched matmuls (static
@@ -146,25 +147,33 @@ def _grouped_matmuls(xs_MC: Tensor, counts: list[int], bank: ExpertBank) -> Tens
     return h if bank.w_out is None else grouped_mm(h.contiguous(), bank.w_out.to(dtype), offs=offs)
 
 
+def sort_by_expert(idx_NK: Tensor, n_expert: int) -> tuple[Tensor, Tensor, list[int]]:
+    """The kept choices (not -1) sorted by expert, stably: (order_M, their flat indices n * K + j; tok_M, their
+    tokens; counts_E, a list: one host sync). On CPU one native op (a counting sort) when the kernels are built."""
+    if native.sorts_assignments(idx_NK):
+        order, tok_M, counts_E = torch.ops.moegpt_native.sort_assignments(idx_NK.contiguous(), n_expert)
+        return order, tok_M, counts_E.tolist()
+    flat_e = idx_NK.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    # slot 0 counts the empty (-1) choices, which sort first
+    counts_all = torch.bincount(flat_e + 1, minlength=n_expert + 1).tolist()
+    order = order[counts_all[0]:]
+    return order, torch.div(order, idx_NK.shape[1], rounding_mode="floor"), counts_all[1:]
+
+
 _SORTED_BACKENDS = {"sorted": "fused", "bucketed": "fused", "padded": "padded", "grouped": "grouped"}
 
 
 def _sorted_dispatch(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, bank: ExpertBank, backend: str) -> Tensor:
     mode = _SORTED_BACKENDS[backend]
-    N, K = idx_NK.shape
-    flat_e = idx_NK.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    # One host sync for the group sizes; slot 0 counts the empty (-1) choices, which sort first.
-    counts_all = torch.bincount(flat_e + 1, minlength=bank.n_expert + 1).tolist()
-    order = order[counts_all[0]:]
-    counts = counts_all[1:]
-    tok_M = torch.div(order, K, rounding_mode="floor")
+    N = idx_NK.shape[0]
+    order, tok_M, counts = sort_by_expert(idx_NK, bank.n_expert)
     if mode == "fused":
         return sorted_experts(x_NC, tok_M, weight_NK.reshape(-1)[order], counts, bank.w_in,
                               bank.w_out, bank.activation, bucket=BUCKET_ROWS if backend == "bucketed" else 1)
     xs_MC = x_NC.index_select(0, tok_M)
     if mode == "padded":
-        ys_MC = _padded_matmuls(xs_MC, counts, bank, flat_e[order])
+        ys_MC = _padded_matmuls(xs_MC, counts, bank, idx_NK.reshape(-1)[order])
     else:
         ys_MC = _grouped_matmuls(xs_MC, counts, bank)
     ys_MC = ys_MC * weight_NK.reshape(-1)[order, None].to(ys_MC.dtype)

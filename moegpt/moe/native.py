@@ -8,12 +8,18 @@ activations (SwiGLU both ways, GELU's backward) run as one vectorised pass per b
 experts onto its residual in one call, csrc/decode_attention.cpp runs its attention sublayer (gpt2 trunk) in
 one call, and csrc/decode_matmul.cpp multiplies its few rows by a large matrix (the output head); the experts
 and the head may split their products with a helper thread of their own (csrc/helper_thread.cpp; see
-DECODE_SPLIT_VALUES). They are compiled on first use into one library (native_build.py).
+DECODE_SPLIT_VALUES). A layer's softmax top-k routing and its two router losses run as one op each way
+(csrc/softmax_topk_routing.cpp, `NativeSoftmaxTopK`), and the sorted dispatch sorts the choices by expert
+with a counting sort (csrc/sort_assignments.cpp). They are compiled on first use into one library
+(native_build.py).
 
 Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
-environment, the dispatch runs its Python paths (same results to float rounding), and `reason()` says why.
+environment, the dispatch and the router run their Python paths (same results to float rounding), and
+`reason()` says why.
+
 Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_ /
-decode_attention_ / rows_matmul (and region_threads, halves_on_two_threads, for tests).
+decode_attention_ / rows_matmul / softmax_topk_routing / softmax_topk_routing_backward / sort_assignments (and
+region_threads, halves_on_two_threads, for tests).
 """
 from __future__ import annotations
 
@@ -107,6 +113,36 @@ class NativeSortedExperts(torch.autograd.Function):
         return grad_x, grad_gate, grad_w_in, None if w_out is None else grad_w_out, None, None, None
 
 
+class NativeSoftmaxTopK(torch.autograd.Function):
+    """Softmax top-k routing with the Switch balance loss and the router z-loss (csrc/softmax_topk_routing.cpp),
+    one op each way: (idx_NK, gate_NK, probs_NE, balance, z) from fp32 CPU logits; probs and idx carry no
+    gradient. token_weights_N: 1.0 for real tokens, 0.0 for ignored ones, or None when all are real."""
+
+    @staticmethod
+    def forward(ctx, logits_NE, k, normalize, token_weights_N):
+        idx_NK, gate_NK, probs_NE, lse_N, fraction_E, balance, z = torch.ops.moegpt_native.softmax_topk_routing(
+            logits_NE, k, normalize, token_weights_N)
+        ctx.save_for_backward(probs_NE, lse_N, idx_NK, gate_NK, fraction_E, token_weights_N)
+        ctx.normalize = normalize
+        ctx.mark_non_differentiable(idx_NK, probs_NE)
+        return idx_NK, gate_NK, probs_NE, balance, z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _grad_idx, grad_gate_NK, _grad_probs, grad_balance, grad_z):
+        probs_NE, lse_N, idx_NK, gate_NK, fraction_E, token_weights_N = ctx.saved_tensors
+        grad_logits_NE = torch.ops.moegpt_native.softmax_topk_routing_backward(
+            grad_gate_NK.contiguous(), grad_balance, grad_z, probs_NE, lse_N, idx_NK, gate_NK, fraction_E,
+            token_weights_N, ctx.normalize)
+        return grad_logits_NE, None, None, None
+
+
+def serves_routing(logits_NE: torch.Tensor) -> bool:
+    """Whether the routing kernel takes a layer's softmax top-k routing: fp32 CPU logits, eager mode, a built
+    library (the caller checks that its losses are local: no expert parallelism, no global batch)."""
+    return _takes("linear", logits_NE)
+
+
 def serves(x_NC: torch.Tensor, gate_M: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor | None,
            compute_dtype: torch.dtype, bucket: int, activation: str) -> bool:
     """Whether the sorted kernel takes this call: fp32 on CPU, at least MIN_ASSIGNMENTS assignments, no
@@ -134,6 +170,14 @@ def serves_decode_attention(x_BC: torch.Tensor, h_BC: torch.Tensor, w_qkv: torch
     if x_BC.stride(-1) != 1 or h_BC.stride(-1) != 1:
         return False
     return _takes("linear", x_BC, h_BC, w_qkv, w_proj)
+
+
+def sorts_assignments(idx_NK: torch.Tensor) -> bool:
+    """Whether the dispatch's sort of a layer's choices by expert is the native counting sort: CPU, eager mode,
+    a built library."""
+    if torch.compiler.is_compiling() or not idx_NK.is_cpu:
+        return False
+    return available()
 
 
 def worth_splitting(weight_values: int) -> bool:

@@ -141,7 +141,8 @@ class RoutedMoE(FFNLayer):
     def _routed_forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, RouterStats]:
         B, T, C = x.shape
         x_NC = x.reshape(B * T, C)
-        logits_NE, idx_NK, weight_NK = self._route(x_NC)
+        logits_NE = self.router_logits(x_NC)
+        idx_NK, weight_NK, losses = self.choose_with_losses(logits_NE, x_NC, mask, B, T)
         dropped_NK = self.capacity_dropped(idx_NK, B, T)
         dispatch_idx = _without(idx_NK, dropped_NK, -1)
         ep = self.expert_parallel
@@ -150,13 +151,7 @@ class RoutedMoE(FFNLayer):
         else:
             y_NC = expert_parallel_forward(x_NC, dispatch_idx, weight_NK, self.experts, self.dispatch, ep)
         generating = is_generating()
-        if generating:
-            balance = z = seq_balance = _zero(logits_NE)
-        elif ep is None:
-            balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
-        else:
-            with losses_over_ranks(ep.world_group):  # over the global batch, as one process would
-                balance, z, seq_balance = self.router_losses(logits_NE, idx_NK, mask, B, T)
+        balance, z, seq_balance = losses or self._losses(logits_NE, idx_NK, mask, B, T, generating)
         stats = RouterStats(
             balance=balance, z=z, seq_balance=seq_balance,
             n_expert=self.n_expert,
@@ -171,14 +166,38 @@ class RoutedMoE(FFNLayer):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         return self.routed_forward(x, mask)
 
+    def choose_with_losses(self, logits_NE: Tensor, x_NC: Tensor, mask_BT: Tensor | None, B: int,
+                           T: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """A forward's choices and gates from its router logits, with its (balance, z, seq_balance) when a variant
+        computes them in the same go (softmax_routing.py); None here: forward computes them after the experts
+        (`router_losses`)."""
+        return *self._choose(logits_NE, x_NC), None
+
+    def _losses(self, logits_NE: Tensor, idx_NK: Tensor, mask_BT: Tensor | None, B: int, T: int,
+                generating: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """router_losses: zero while generating, over every rank's tokens under expert parallelism."""
+        ep = self.expert_parallel
+        if generating:
+            zero = _zero(logits_NE)
+            return zero, zero, zero
+        if ep is None:
+            return self.router_losses(logits_NE, idx_NK, mask_BT, B, T)
+        with losses_over_ranks(ep.world_group):  # over the global batch, as one process would
+            return self.router_losses(logits_NE, idx_NK, mask_BT, B, T)
+
     def _route(self, x_NC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router logits, then the variant's choices and gates (scaled by routed_scaling_factor: DeepSeek-V3
-        scales the routed gates after normalising them)."""
+        """Router logits, then the variant's choices and gates (`_choose`)."""
         logits_NE = self.router_logits(x_NC)
+        return logits_NE, *self._choose(logits_NE, x_NC)
+
+    def _choose(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
+        """The variant's choices and gates, the gates scaled by routed_scaling_factor (DeepSeek-V3 scales the
+        routed gates after normalising them)."""
         idx_NK, weight_NK = self.select(logits_NE, x_NC)
-        if self.routed_scaling_factor != 1.0:
-            weight_NK = weight_NK * self.routed_scaling_factor
-        return logits_NE, idx_NK, weight_NK
+        return idx_NK, self.scaled_gates(weight_NK)
+
+    def scaled_gates(self, weight_NK: Tensor) -> Tensor:
+        return weight_NK if self.routed_scaling_factor == 1.0 else weight_NK * self.routed_scaling_factor
 
     def decode(self, h_NC: Tensor, x_NC: Tensor, capture: bool) -> tuple[Tensor, RouterStats | None]:
         """FFNLayer.decode: `routed_decode`, then `add_unrouted_`; or forward when the experts live on other

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from moegpt.moe.experts import DenseMLP
 from moegpt.moe.registry import expert_hidden
-from moegpt.moe.router import RoutedMoE, softmax_topk
+from moegpt.moe.softmax_routing import SoftmaxTopKMoE
 from moegpt.moe.spec import ExtraStat, VariantSpec, top_k_problems
 from moegpt.moe.stats import RouterStats
 
@@ -21,7 +21,7 @@ SHARED_SHARE = ExtraStat(
     description="mean |shared output| / (|shared| + |routed|) over tokens")
 
 
-class SharedExpertMoE(RoutedMoE):
+class SharedExpertMoE(SoftmaxTopKMoE):
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg)
         hidden = expert_hidden(model_cfg, moe_cfg)
@@ -30,9 +30,6 @@ class SharedExpertMoE(RoutedMoE):
             if self.n_shared > 0 else None
         self.shared_gate = nn.Linear(model_cfg.n_embd, 1, bias=False) \
             if moe_cfg.shared_gate and self.shared is not None else None
-
-    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
-        return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         routed, stats = self.routed_forward(x, mask)

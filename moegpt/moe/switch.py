@@ -7,18 +7,15 @@ moe.capacity_factor defaults to 1.25 for switch, and an explicit 0 runs it dropl
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from moegpt.moe.router import RoutedMoE, softmax_topk
+from moegpt.moe.softmax_routing import SoftmaxTopKMoE
 from moegpt.moe.spec import VariantSpec
 
 
-class SwitchMoE(RoutedMoE):
+class SwitchMoE(SoftmaxTopKMoE):
+    renormalizes = False  # a renormalised top-1 gate is always 1: no router gradient from the task loss
+
     def __init__(self, model_cfg, moe_cfg):
         super().__init__(model_cfg, moe_cfg, top_k=1)
-
-    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
-        return softmax_topk(logits_NE, 1, normalize=False, softmax=self.softmax)
 
 
 SPEC = VariantSpec(

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
-from moegpt.moe.router import RoutedMoE, softmax_topk
+from moegpt.moe.router import RoutedMoE
+from moegpt.moe.softmax_routing import SoftmaxTopKMoE
 from moegpt.moe.spec import VariantSpec, top_k_problems
 
 
-class TopKMoE(RoutedMoE):
-    def select(self, logits_NE: Tensor, x_NC: Tensor) -> tuple[Tensor, Tensor]:
-        return softmax_topk(logits_NE, self.top_k, self.normalize_topk, self.softmax)
+class TopKMoE(SoftmaxTopKMoE):
+    """Softmax top-k, renormalised over the k kept when moe.normalize_topk (SoftmaxTopKMoE)."""
 
 
 class NoisyTopKMoE(RoutedMoE):

@@ -1,17 +1,6 @@
 // The fused activation passes of fused_activation.h, written with ATen's Vectorized<float> (its exp and erf:
-// SLEEF's 1-ulp routines, which libtorch_cpu exports). ATen picks the vector width from CPU_CAPABILITY_*
-// macros its own build defines per kernel file; an extension has to define them itself, from what
-// -march=native enabled. This file includes nothing else of ATen, so those macros reach no other code.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__FMA__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY AVX2
-#else
-#define CPU_CAPABILITY DEFAULT  // Vectorized<float> of plain scalar loops: the same results, slower
-#endif
+// SLEEF's 1-ulp routines, which libtorch_cpu exports), at the width vec_capability.h chose.
+#include "vec_capability.h"
 
 #include "fused_activation.h"
 
