@@ -150,6 +150,18 @@ def test_the_kernel_refuses_mismatched_inputs():
             torch.randn(2, 8, 16), torch.randn(2, 16, 8), native.ACTIVATION_CODES["gelu"])
 
 
+@pytest.mark.parametrize("bad_token", [4, -1])
+def test_the_kernel_refuses_a_token_out_of_range_both_ways(bad_token):
+    """The segments' row gathers and adds index x, y and grad_y by token unchecked: a bad index is refused first."""
+    x, tok, gate, counts = torch.randn(4, 8), torch.tensor([0, bad_token, 3]), torch.rand(3), [2, 1]
+    w_in, w_out, gelu = torch.randn(2, 8, 16), torch.randn(2, 16, 8), native.ACTIVATION_CODES["gelu"]
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moegpt_native.sorted_experts_forward(x, tok, gate, counts, w_in, w_out, gelu)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moegpt_native.sorted_experts_backward(
+            torch.randn(4, 8), x, tok, gate, counts, w_in, w_out, torch.randn(3, 16), torch.randn(3, 16), gelu)
+
+
 @pytest.mark.parametrize("kept, hidden, match", [(torch.empty(0), torch.randn(3, 16), "a_kept"),
                                                  (torch.randn(3, 16), torch.randn(3, 8), "h: ")])
 def test_the_backward_refuses_what_its_forward_did_not_make(kept, hidden, match):

@@ -26,7 +26,8 @@ SOURCES = (CSRC / "sorted_experts.cpp", CSRC / "fused_activation.cpp", CSRC / "d
            CSRC / "softmax_topk_routing.cpp", CSRC / "expert_softmax.cpp",
            CSRC / "sort_assignments.cpp")
 HEADERS = (CSRC / "activation.h", CSRC / "fused_activation.h", CSRC / "decode_rows.h", CSRC / "inplace.h",
-           CSRC / "helper_thread.h", CSRC / "vec_capability.h", CSRC / "expert_softmax.h")
+           CSRC / "helper_thread.h", CSRC / "vec_capability.h", CSRC / "expert_softmax.h",
+           CSRC / "segment_rows.h")
 CACHE_ENV = "MOEGPT_NATIVE_CACHE"
 # Part of the cache key with the sources: bump it when the build flags change.
 BUILD_FLAGS_VERSION = b"openmp-march-native-1"

@@ -9,6 +9,7 @@
 // Hin the first projection's width (2H for SwiGLU, H otherwise, C for linear).
 #include "activation.h"
 #include "fused_activation.h"
+#include "segment_rows.h"
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -77,9 +78,11 @@ struct Accumulators {
   at::TensorOptions options;
   Accumulators(int64_t shares, int64_t N, int64_t C, const at::TensorOptions& options)
       : per_share(shares), N(N), C(C), options(options) {}
-  void add(int64_t share, const at::Tensor& tok_s, const at::Tensor& rows_s) {
+  // acc[tok[r]] += scale[r] * rows[r] for the segment's rows (scale null: 1)
+  void add(int64_t share, const int64_t* tok, const at::Tensor& rows, const float* scale) {
     if (!per_share[share].defined()) per_share[share] = at::zeros({N, C}, options);
-    per_share[share].index_add_(0, tok_s, rows_s);
+    moegpt::scatter_add_rows(per_share[share].data_ptr<float>(), rows.data_ptr<float>(), tok, scale, rows.size(0),
+                             C);
   }
   at::Tensor sum() {
     std::vector<at::Tensor> used;
@@ -96,6 +99,13 @@ struct Accumulators {
     return out;
   }
 };
+
+// src[tok[r]] for the segment's rows.
+at::Tensor gathered(const at::Tensor& src, const int64_t* tok, int64_t rows) {
+  auto out = at::empty({rows, src.size(1)}, src.options());
+  moegpt::gather_rows(out.data_ptr<float>(), src.data_ptr<float>(), tok, rows, src.size(1));
+  return out;
+}
 
 // The activation of one segment's rows; GELU's is written into `kept`, its rows of the activation forward keeps
 // for backward (its erf costs more to recompute than to keep).
@@ -146,7 +156,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& tok, const at::Tensor& 
                   const at::Tensor& w_in, const c10::optional<at::Tensor>& w_out, int64_t act) {
   TORCH_CHECK(act >= kLinear && act <= kSwiglu, "unknown activation code ", act);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [N, C]");
-  TORCH_CHECK(tok.dim() == 1 && tok.scalar_type() == at::kLong, "tok: int64 [M]");
+  TORCH_CHECK(tok.dim() == 1 && tok.scalar_type() == at::kLong && tok.is_contiguous(), "tok: contiguous int64 [M]");
+  const int64_t* t = tok.data_ptr<int64_t>();
+  for (int64_t m = 0; m < tok.size(0); ++m)  // the segments' row loops index x and y by these unchecked
+    TORCH_CHECK(t[m] >= 0 && t[m] < x.size(0), "tok: token index ", t[m], " out of range for ", x.size(0), " tokens");
   TORCH_CHECK(gate.sizes() == tok.sizes() && gate.scalar_type() == at::kFloat && gate.is_contiguous(),
               "gate: contiguous float32 [M]");
   TORCH_CHECK((int64_t)counts.size() == w_in.size(0), "counts: one per expert");
@@ -180,17 +193,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   auto a_kept = act == kGelu ? at::empty({M, H}, x.options()) : at::Tensor();
   auto plan = plan_shares(counts, share_count(M));
   Accumulators y(plan.size(), N, C_out, x.options());
-  auto gate_M1 = gate.unsqueeze(1);
+  const int64_t* tok_M = tok.data_ptr<int64_t>();
+  const float* gate_M = gate.data_ptr<float>();
   for_each_segment(plan, [&](int64_t p, const Segment& s) {
-    auto tok_s = tok.narrow(0, s.lo, s.hi - s.lo);
-    auto h_s = h.narrow(0, s.lo, s.hi - s.lo);
-    at::mm_out(h_s, x.index_select(0, tok_s), w_in[s.expert]);
+    const int64_t rows = s.hi - s.lo;
+    const int64_t* tok_s = tok_M + s.lo;
+    auto h_s = h.narrow(0, s.lo, rows);
+    at::mm_out(h_s, gathered(x, tok_s, rows), w_in[s.expert]);
     if (linear) {
-      y.add(p, tok_s, h_s * gate_M1.narrow(0, s.lo, s.hi - s.lo));
+      y.add(p, tok_s, h_s, gate_M + s.lo);
       return;
     }
-    auto a = activate(h_s, act, a_kept.defined() ? a_kept.narrow(0, s.lo, s.hi - s.lo) : a_kept);
-    y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]).mul_(gate_M1.narrow(0, s.lo, s.hi - s.lo)));
+    auto a = activate(h_s, act, a_kept.defined() ? a_kept.narrow(0, s.lo, rows) : a_kept);
+    y.add(p, tok_s, at::mm(a, (*w_out)[s.expert]), gate_M + s.lo);
   });
   return {y.sum(), h, a_kept.defined() ? a_kept : at::empty({0}, x.options())};
 }
@@ -237,25 +252,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto grad_w_out = linear ? at::Tensor() : at::empty_like(*w_out);
   // an expert cut between two shares gets one partial gradient per share, summed after the region
   std::vector<std::vector<Partial>> partial(plan.size());
-  auto gate_M1 = gate.unsqueeze(1);
+  const int64_t* tok_M = tok.data_ptr<int64_t>();
+  const float* gate_M = gate.data_ptr<float>();
   for_each_segment(plan, [&](int64_t p, const Segment& s) {
     const int64_t rows = s.hi - s.lo;
-    auto tok_s = tok.narrow(0, s.lo, rows);
-    auto gate_s = gate_M1.narrow(0, s.lo, rows);
+    const int64_t* tok_s = tok_M + s.lo;
     auto h_s = h.narrow(0, s.lo, rows);
     auto grad_gate_s = grad_gate.narrow(0, s.lo, rows);
-    auto g = grad_y.index_select(0, tok_s);  // dL/d(weighted expert output)
+    // dL/d(expert output) and dL/d(expert output) * gate, the rows of grad_y
+    auto g = at::empty({rows, C}, x.options()), weighted = at::empty({rows, C}, x.options());
+    moegpt::gather_rows_scaled(g.data_ptr<float>(), weighted.data_ptr<float>(), grad_y.data_ptr<float>(), tok_s,
+                               gate_M + s.lo, rows, C);
     at::Tensor grad_h, dw_out;
     if (linear) {
       at::sum_out(grad_gate_s, h_s * g, {1});
-      grad_h = g * gate_s;
+      grad_h = weighted;
     } else {
       auto grad_a = at::mm(g, (*w_out)[s.expert].t());
       auto a_kept_s = a_kept.numel() ? a_kept.narrow(0, s.lo, rows) : a_kept;
       at::Tensor a;
       std::tie(a, grad_h) =
           activation_backward(grad_a, h_s, a_kept_s, gate.narrow(0, s.lo, rows), act, grad_gate_s);
-      auto weighted = g * gate_s;
       if (s.whole) {
         auto slot = grad_w_out[s.expert];
         at::mm_out(slot, a.t(), weighted);
@@ -263,14 +280,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         dw_out = at::mm(a.t(), weighted);
       }
     }
-    auto x_s = x.index_select(0, tok_s);
+    auto x_s = gathered(x, tok_s, rows);
     if (s.whole) {
       auto slot = grad_w_in[s.expert];
       at::mm_out(slot, x_s.t(), grad_h);
     } else {
       partial[p].emplace_back(s.expert, at::mm(x_s.t(), grad_h), dw_out);
     }
-    grad_x.add(p, tok_s, at::mm(grad_h, w_in[s.expert].t()));
+    grad_x.add(p, tok_s, at::mm(grad_h, w_in[s.expert].t()), nullptr);
   });
   finish_weight_grads(plan, partial, grad_w_in, grad_w_out);
   return {grad_x.sum(), grad_gate, grad_w_in,
