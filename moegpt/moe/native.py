@@ -2,8 +2,9 @@
 
 csrc/sorted_experts.cpp runs a whole layer's expert blocks in one parallel region per direction (the sorted
 dispatch, training and full forwards): every intra-op thread takes a contiguous share of the expert-sorted
-assignments and runs its experts with single-threaded kernels, and no Python runs between the ops; the
-activations (SwiGLU both ways, GELU's backward) run as one vectorised pass per block with the gate folded in
+assignments and runs its experts with single-threaded kernels, and no Python runs between the ops; a block's
+token rows are gathered, gate-scaled and added back by plain loops (csrc/segment_rows.h), and the activations
+(SwiGLU both ways, GELU's backward) run as one vectorised pass per block with the gate folded in
 (csrc/fused_activation.cpp). For generation's decode steps, csrc/decode_experts.cpp adds a token's chosen
 experts onto its residual in one call, csrc/decode_attention.cpp runs its attention sublayer (gpt2 trunk) in
 one call, and csrc/decode_matmul.cpp multiplies its few rows by a large matrix (the output head); the experts
