@@ -193,7 +193,7 @@ def test_a_failed_build_says_why_in_one_line_and_is_not_retried(monkeypatch, cap
     assert native.reason() == why
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("moegpt: compiling the native kernels")
-    assert err[1:] == [f"moegpt: the native kernels are unavailable ({why}); the experts and decode steps run on "
+    assert err[1:] == [f"moegpt: the native kernels are unavailable ({why}); routing, experts and decode steps run on "
                        f"their Python paths ({native.HINT})"]
     assert not native.serves(torch.randn(4, 8), torch.rand(1024), torch.randn(2, 8, 16), torch.randn(2, 16, 8),
                              torch.float32, 1, "gelu")

@@ -15,6 +15,7 @@ import torch
 from test_moe_contract import build_layer
 
 import moegpt.moe.native as native
+import moegpt.moe.softmax_routing as softmax_routing
 from moegpt.moe import VARIANTS
 from moegpt.moe.dispatch import sort_by_expert
 from moegpt.moe.losses import router_z_loss, switch_balance_loss
@@ -144,15 +145,50 @@ def test_no_real_token_gives_zero_losses_as_the_python_path():
     torch.testing.assert_close(grad, py_grad)
 
 
-def test_results_repeat_bit_for_bit_on_any_thread_count():
-    logits, w_N, upstream = case((768, 8, 2), masked=True, seed=3)
+@pytest.mark.parametrize("normalize", [True, False], ids=["renormalised", "raw"])
+def test_results_repeat_bit_for_bit_on_any_thread_count(normalize):
+    # 12,000 tokens of 8 experts: 3 chunks of the kernel's 4,096-row grain, so two threads split the rows
+    # (chunk starts off the vector width) both ways, and each chunk has its own backward scratch
+    logits, w_N, upstream = case((12000, 8, 2), masked=True, seed=3)
     runs = []
     for threads in (1, 2, 1):
         torch.set_num_threads(threads)
-        runs.append(grad_of(kernel, logits, 2, True, w_N, upstream))
+        runs.append(grad_of(kernel, logits, 2, normalize, w_N, upstream))
     for out, grad in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(out, runs[0][0], strict=True))
         assert torch.equal(grad, runs[0][1])
+    torch.set_num_threads(2)
+    out, grad = runs[1]
+    py_out, py_grad = grad_of(python_path, logits, 2, normalize, w_N, upstream)
+    assert torch.equal(out[0], py_out[0])
+    for got, want in zip(out[1:], py_out[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, py_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_no_token_at_all_routes_and_differentiates():
+    logits = torch.zeros(0, 4, requires_grad=True)
+    idx, gate, probs, balance, z = kernel(logits, 2, True, None)
+    assert idx.shape == (0, 2) and gate.shape == (0, 2) and probs.shape == (0, 4)
+    (gate.sum() + balance + z).backward()
+    assert logits.grad.shape == (0, 4)
+
+
+def test_a_nan_logit_ranks_first_as_in_torch_topk():
+    logits = torch.tensor([[1.0, float("nan"), 2.0], [float("nan"), 3.0, float("nan")], [0.0, 5.0, 4.0]])
+    idx, *_ = kernel(logits, 2, True, None)
+    assert idx.tolist() == [[1, 2], [0, 2], [1, 2]]
+    assert [sorted(row) for row in idx.tolist()] == [sorted(row) for row in torch.topk(logits, 2).indices.tolist()]
+
+
+def test_inference_mode_routes_as_with_gradients():
+    logits, w_N, _ = case((300, 8, 2), masked=True, seed=4)
+    with torch.inference_mode():
+        out = kernel(logits.detach(), 2, True, w_N)
+    want = python_path(logits.detach(), 2, True, w_N)
+    assert torch.equal(out[0], want[0])
+    for got, expected in zip(out[1:], want[1:], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("logits, k, match", [
@@ -180,6 +216,9 @@ def test_the_backward_refuses_choices_its_forward_did_not_make():
     with pytest.raises(RuntimeError, match="idx"):
         torch.ops.moegpt_native.softmax_topk_routing_backward(
             torch.ones_like(gate), one, one, probs, lse, idx.t(), gate, fraction, None, True)
+    with pytest.raises(RuntimeError, match="expert-major"):
+        torch.ops.moegpt_native.softmax_topk_routing_backward(
+            torch.ones_like(gate), one, one, probs.contiguous(), lse, idx, gate, fraction, None, True)
 
 
 # ---- the dispatch's counting sort ----------------------------------------------------------------
@@ -200,6 +239,13 @@ def test_the_counting_sort_is_the_stable_argsort(N, K, E, empty):
     want_order, want_tok, want_counts = argsort_path(idx, E)
     assert torch.equal(order, want_order) and torch.equal(tok, want_tok) and counts == want_counts
     assert isinstance(counts, list) and len(counts) == E
+
+
+def test_choices_of_another_integer_type_take_the_argsort():
+    idx = torch.tensor([[2, 0], [1, -1], [0, 2]], dtype=torch.int32)
+    assert not native.sorts_assignments(idx)
+    order, tok, counts = sort_by_expert(idx, 3)
+    assert order.tolist() == [1, 4, 2, 0, 5] and tok.tolist() == [0, 2, 1, 0, 2] and counts == [2, 1, 2]
 
 
 @pytest.mark.parametrize("bad", [6, -2])
@@ -283,3 +329,16 @@ def test_the_kernel_stands_aside_where_it_does_not_serve(variant, kernel_calls):
     with torch.no_grad():
         layer(torch.randn(4, 40, 32))
     assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("variant", SERVED)
+def test_the_kernel_stands_aside_when_losses_span_ranks(variant, monkeypatch):
+    """Expert parallelism and a global batch take their losses over every rank's tokens: the Python path."""
+    layer = build_layer(variant)
+    logits = torch.randn(160, layer.n_expert)
+    assert layer._routes_natively(logits)
+    monkeypatch.setattr(softmax_routing, "is_global", lambda: True)
+    assert not layer._routes_natively(logits)
+    monkeypatch.undo()
+    layer.expert_parallel = object()
+    assert not layer._routes_natively(logits)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moegpt.errors import MoegptError
-from moegpt.moe.dispatch import run_experts
+from moegpt.moe.dispatch import run_experts, sort_by_expert
 from moegpt.moe.experts import ExpertBank
 from moegpt.moe.registry import VARIANTS
 from moegpt.moe.spec import VariantSpec
@@ -119,18 +119,14 @@ def expert_parallel_forward(x_NC: Tensor, idx_NK: Tensor, weight_NK: Tensor, ban
                             backend: str, ep: ExpertParallelGroup) -> Tensor:
     """y[n] = sum_j weight[n, j] * expert_{idx[n, j]}(x[n]) with the experts spread over the group;
     idx -1 skips a choice. Every rank of the group must call this together (it holds collectives)."""
-    N, K = idx_NK.shape
-    n_expert = bank.n_expert * ep.size
-    flat_e = idx_NK.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    counts_all = torch.bincount(flat_e + 1, minlength=n_expert + 1)  # slot 0: empty choices, sorted first
-    recv_counts_PL = exchange_counts(counts_all[1:], ep)
-    # the two host syncs of the layer: split sizes must be Python ints for all_to_all_single
-    counts, recv_counts = counts_all.tolist(), recv_counts_PL.tolist()
-    order = order[counts[0]:]
-    send_splits = [sum(counts[1 + p * bank.n_expert:1 + (p + 1) * bank.n_expert]) for p in range(ep.size)]
+    N = idx_NK.shape[0]
+    # the two host syncs of the layer (the counts, then the received counts): split sizes must be Python ints
+    # for all_to_all_single
+    order, tok_M, counts = sort_by_expert(idx_NK, bank.n_expert * ep.size)
+    recv_counts_PL = exchange_counts(torch.tensor(counts, device=idx_NK.device), ep)
+    recv_counts = recv_counts_PL.tolist()
+    send_splits = [sum(counts[p * bank.n_expert:(p + 1) * bank.n_expert]) for p in range(ep.size)]
     recv_splits = [sum(row) for row in recv_counts]
-    tok_M = torch.div(order, K, rounding_mode="floor")
     x_RC = _AllToAll.apply(x_NC.index_select(0, tok_M), recv_splits, send_splits, ep)
     # received rows come grouped by source rank, then by local expert within each source
     local_e_R = torch.arange(bank.n_expert, device=x_NC.device).repeat(ep.size)

@@ -15,8 +15,8 @@ with a counting sort (csrc/sort_assignments.cpp). They are compiled on first use
 (native_build.py).
 
 Nothing depends on them: without a compiler, with a failed build, or with MOEGPT_NATIVE=0 in the
-environment, the dispatch and the router run their Python paths (same results to float rounding), and
-`reason()` says why.
+environment, the dispatch and the router run their Python paths (same results to float rounding; see
+softmax_routing.py for the one way the routing's choices may differ), and `reason()` says why.
 
 Registered ops: torch.ops.moegpt_native.sorted_experts_forward / sorted_experts_backward / add_experts_ /
 decode_attention_ / rows_matmul / softmax_topk_routing / softmax_topk_routing_backward / sort_assignments (and
@@ -60,7 +60,7 @@ def reason() -> str | None:
         else:
             _state["reason"] = why = native_build.load_library() or _thread_pool_problem()
             if why is not None:
-                print(f"moegpt: the native kernels are unavailable ({why}); the experts and decode steps run on "
+                print(f"moegpt: the native kernels are unavailable ({why}); routing, experts and decode steps run on "
                       f"their Python paths ({HINT})", file=sys.stderr, flush=True)
     return _state["reason"]  # type: ignore[return-value]
 
@@ -175,8 +175,8 @@ def serves_decode_attention(x_BC: torch.Tensor, h_BC: torch.Tensor, w_qkv: torch
 
 def sorts_assignments(idx_NK: torch.Tensor) -> bool:
     """Whether the dispatch's sort of a layer's choices by expert is the native counting sort: CPU, eager mode,
-    a built library."""
-    if torch.compiler.is_compiling() or not idx_NK.is_cpu:
+    a built library, int64 choices."""
+    if torch.compiler.is_compiling() or not idx_NK.is_cpu or idx_NK.dtype != torch.int64:
         return False
     return available()
 
@@ -197,7 +197,7 @@ def splits_rows_matmul(x_NI: torch.Tensor, w_IO: torch.Tensor) -> bool:
 
 
 def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:
-    """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library."""
+    """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library, int64 choices."""
     if torch.compiler.is_compiling() or activation not in ACTIVATION_CODES:
         return False
     for t in tensors:  # a loop, not any(genexpr), and is_cpu, not device.type: this runs per layer and token

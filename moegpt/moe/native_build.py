@@ -104,7 +104,7 @@ def _compile(name: str, build_dir: Path) -> None:
     from torch.utils.cpp_extension import load
 
     if not (build_dir / f"{name}.so").exists():  # another process may have built it while this one waited
-        print("moegpt: compiling the native kernels (experts and decode steps; once per machine and torch "
+        print("moegpt: compiling the native kernels (routing, experts and decode steps; once per machine and torch "
               "version, about ten seconds)...", file=sys.stderr, flush=True)
     # -fopenmp: ATen's parallel_for is an OpenMP pragma in its header, ignored (serial) without it; the
     # library then needs libgomp.so.1, which the loader finds already loaded with torch (one thread pool).

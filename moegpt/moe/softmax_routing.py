@@ -1,9 +1,11 @@
 """SoftmaxTopKMoE: the base of the variants that route by softmax top-k with the Switch balance loss and the
 router z-loss (topk, switch, shared). Their routing has a native path: on CPU in fp32 the softmax, the choices,
 the gates and both losses run as one op each way (native.NativeSoftmaxTopK), in place of some fifty small
-ops forward and backward that dominate a MoE layer's fixed cost at small steps. Where the kernel does not
-serve (no library, CUDA, torch.compile, generation, losses over several ranks) the Python path of RoutedMoE
-runs; both give the same routing and losses to float rounding.
+ops forward and backward, a large part of a MoE layer's fixed cost per step. Where the kernel does not serve
+(no library, CUDA, torch.compile, generation, losses over several ranks, fewer than SMALL_BATCH tokens) the
+Python path of RoutedMoE runs. Both give the same losses and gates to float rounding, and the same choices
+except where two experts' probabilities round to the same float32 value (the kernel ranks the logits; the
+Python path ranks the probabilities, and its tie may go either way).
 
 Legend: B batch, T time, C width, N = B*T tokens, E experts, K choices per token.
 """

@@ -291,6 +291,6 @@ def sorted_experts(x_NC: Tensor, tok_M: Tensor, gate_M: Tensor, counts_E: list[i
     with torch.autocast(device_type=device_type, enabled=False):
         if native.serves(x_NC, gate_M, w_in, w_out, dtype, bucket, activation):
             return native.NativeSortedExperts.apply(x_NC.contiguous(), gate_M.contiguous(), w_in.contiguous(),
-                                                    None if w_out is None else w_out.contiguous(), tok_M,
+                                                    None if w_out is None else w_out.contiguous(), tok_M.contiguous(),
                                                     list(counts_E), activation)
         return SortedExperts.apply(x_NC, gate_M, w_in, w_out, tok_M, list(counts_E), bucket, activation, dtype)

@@ -1,7 +1,7 @@
 // The row moves of the sorted experts' segments (sorted_experts.cpp): gathering a segment's token rows, and
-// adding its output rows back onto their tokens, as plain loops in place of index_select and index_add_ (whose
-// per-call dispatch and checks, and index_add_'s op per row, cost more than the copies at a segment's few hundred
-// rows). Rows are n contiguous floats; the caller checks that every token index is in range.
+// adding its output rows back onto their tokens, as plain loops in place of index_select and index_add_ (a
+// dispatched op with its own checks per segment, for copies of a few hundred rows). Rows are n contiguous
+// floats; the caller checks that every token index is in range.
 #pragma once
 
 #include <cstdint>

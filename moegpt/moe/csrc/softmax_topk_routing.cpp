@@ -1,8 +1,7 @@
 // Softmax top-k routing of a layer's tokens with its two router losses, one op each way: the softmax over
 // experts, the top-k choices and their gates (renormalised or not), the Switch balance loss and the router
-// z-loss. In ATen these are some fifty small ops forward and backward on an [N, E] array; at a small step
-// (hundreds of tokens, a few experts) each costs more to dispatch, and to hand to a second thread, than to
-// compute, while here a row is a few dozen flops.
+// z-loss. In ATen these are some fifty small ops forward and backward on an [N, E] array, each dispatched (and
+// perhaps handed to a second thread) for a few dozen flops per token; here a row is one pass.
 //
 // Forward, per token n (w_n its weight: 1, or 0 for an ignored token; W = sum_n w_n, D = max(W, 1)):
 //   p_n = softmax(l_n), lse_n = logsumexp(l_n), idx_n = the K largest logits (ties: lower expert first),
@@ -42,14 +41,17 @@ struct ExpertMajor {
   float& at(int64_t n, int64_t e) const { return data[e * N + n]; }
 };
 
-// The K largest logits of row n, largest first, a tie going to the lower expert.
+// Whether logit a ranks above logit b: larger, and NaN above every number, as torch.topk ranks them.
+inline bool ranks_above(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
+
+// The K highest-ranked logits of row n, highest first, a tie going to the lower expert.
 void top_k(const ExpertMajor& l, int64_t n, int64_t E, int64_t K, int64_t* idx, float* val) {
   int64_t held = 0;
   for (int64_t e = 0; e < E; ++e) {
     const float v = l.at(n, e);
-    if (held == K && !(v > val[K - 1])) continue;
+    if (held == K && !ranks_above(v, val[K - 1])) continue;
     int64_t pos = held < K ? held++ : K - 1;
-    for (; pos > 0 && val[pos - 1] < v; --pos) {
+    for (; pos > 0 && ranks_above(v, val[pos - 1]); --pos) {
       val[pos] = val[pos - 1];
       idx[pos] = idx[pos - 1];
     }
@@ -85,7 +87,7 @@ double weight_total(const float* w, int64_t N) {
 // An [N, E] view of a tensor stored expert-major, refused otherwise.
 ExpertMajor expert_major(const at::Tensor& t, int64_t N, int64_t E, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == E && t.scalar_type() == at::kFloat &&
-              (N <= 1 || t.stride(0) == 1) && (E <= 1 || t.stride(1) == N), what,
+              (N <= 1 || t.stride(0) == 1) && (E <= 1 || N == 0 || t.stride(1) == N), what,
               ": float32 [N, E] stored expert-major (the transpose of a contiguous [E, N])");
   return {t.data_ptr<float>(), N};
 }
