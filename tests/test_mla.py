@@ -130,10 +130,12 @@ def test_absorbed_decode_equals_plain_form(q_lora_rank):
     for a in attns:
         a.absorb = False
     plain = decode_logits(model, idx, prefill=4)
-    torch.testing.assert_close(absorbed, plain, atol=1e-5, rtol=1e-5)
+    # fp32 sums in different orders (and the CPU's own matmul kernels): a tolerance by the logits' size
+    atol = 1e-5 * plain.abs().max().item()
+    torch.testing.assert_close(absorbed, plain, atol=atol, rtol=1e-5)
     with torch.no_grad():
         full = model(idx, all_logits=True).logits
-    torch.testing.assert_close(absorbed, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(absorbed, full, atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["mha", "mla"])

@@ -26,7 +26,13 @@ from moegpt.moe.stats import generating
 if os.environ.get(native.DISABLE_ENV, "1").strip().lower() in native.OFF_VALUES:
     pytest.skip(f"{native.DISABLE_ENV} turns the native kernels off", allow_module_level=True)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "kernels_loaded")
+
+
+@pytest.fixture
+def kernels_loaded():
+    """Tests that call the ops directly need the library loaded (any test may run first, or alone)."""
+    assert native.available(), native.reason()
 
 SHAPES = [(768, 8, 2), (100, 64, 8), (5, 3, 3), (1, 1, 1), (70, 4, 1), (9, 130, 5)]
 SERVED = [v for v in VARIANTS if issubclass(VARIANTS[v].layer, SoftmaxTopKMoE)]
@@ -315,7 +321,9 @@ def test_a_layer_routes_through_the_kernel_as_through_python(variant, masked, ke
     if stats.dropped_NK is not None:
         assert torch.equal(stats.dropped_NK, py_stats.dropped_NK)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, py_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        # fp32 sums over 160 tokens of terms up to a few hundred, in different orders: tolerance by the scale
+        scale = max(1.0, py_grads[name].abs().max().item())
+        torch.testing.assert_close(grad, py_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 @pytest.mark.parametrize("variant", SERVED)
