@@ -10,7 +10,7 @@ from moegpt.errors import MoegptError
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default: a MoE (8 experts, top-2, experts sized for equal active params with the dense
-    # FFN) that trains on the built-in corpus in about five minutes on a 2-core CPU. Aux-free routing
+    # FFN) that trains on the built-in corpus in minutes on a 2-core CPU (README, quick start). Aux-free routing
     # (DeepSeek-V3's bias-balanced sigmoid gate): of the layouts swept in the README, the one that beats
     # the dense model at equal training time, not only at equal steps.
     "cpu": {
