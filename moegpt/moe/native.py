@@ -197,7 +197,7 @@ def splits_rows_matmul(x_NI: torch.Tensor, w_IO: torch.Tensor) -> bool:
 
 
 def _takes(activation: str, *tensors: torch.Tensor | None) -> bool:
-    """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library, int64 choices."""
+    """The kernels' common ground: fp32 CPU tensors, a known activation, eager mode, a built library."""
     if torch.compiler.is_compiling() or activation not in ACTIVATION_CODES:
         return False
     for t in tensors:  # a loop, not any(genexpr), and is_cpu, not device.type: this runs per layer and token
